@@ -1,0 +1,224 @@
+"""The frozen replay reproduces the model and is exactly affine, on every backend and family."""
+
+import warnings
+
+import pytest
+import torch
+
+from tests.models import BRIDGE_FAMILIES, HAS_HOOKED, HOOKED_CONFIGS, TOKENS, bridge_model, encoder_model, hooked_model
+from tl_tensorlens import (
+    ReplayError,
+    UnsupportedModelError,
+    VerificationError,
+    capture,
+    frozen_hooks,
+    linearized,
+    replay,
+    verify_replay,
+)
+
+needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer/HookedEncoder exist only on TL 3.x")
+OUTPUTS = ("resid_post", "ln_final", "logits")
+
+
+def _affine_error(model, state, output, t, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(state.x0.shape, generator=gen, dtype=torch.float64)
+    x0 = state.x0
+    with torch.no_grad():
+            ys = replay(model, state, torch.stack([x0, x0 + v, x0 + t * v]), output=output)
+    lin = t * (ys[1] - ys[0])
+    return float((ys[2] - ys[0] - lin).norm() / lin.norm())
+
+
+def _hooks_left(model) -> int:
+    return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.hook_dict.values())
+
+
+def _check_exact(model, outputs=OUTPUTS, rep_tol=1e-12, aff_tol=1e-12):
+    state = capture(model, TOKENS)
+    for output in outputs:
+        (check,) = verify_replay(model, state, outputs=(output,), tolerance=max(rep_tol, aff_tol))
+        assert check.reproduction_error <= rep_tol, (output, check)
+        for t in (1e-3, 1.0, 1e3):
+            assert _affine_error(model, state, output, t) <= aff_tol, (output, t)
+    assert _hooks_left(model) == 0
+    return state
+
+
+@needs_hooked
+@pytest.mark.parametrize("name", sorted(HOOKED_CONFIGS))
+def test_hooked_transformer_replay_exact(name):
+    assert len(HOOKED_CONFIGS) >= 20
+    _check_exact(hooked_model(name))
+
+
+@needs_hooked
+def test_hooked_encoder_replay_exact():
+    model = encoder_model()
+    state = _check_exact(model, outputs=("resid_post", "logits"))
+    assert state.backend == "encoder"
+    assert not state.is_causal
+    assert state.head_act_ratio, "the MLM-head GELU must be frozen"
+
+
+@pytest.mark.parametrize("name", BRIDGE_FAMILIES)
+def test_bridge_replay_exact(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = bridge_model(name)
+    outputs = ("resid_post",) if name == "bert" else OUTPUTS
+    # HF RMSNorm (LLaMA/Gemma) upcasts to float32 inside the norm even in a float64 model, so the
+    # model's own output carries float32 rounding; the replay itself stays affine to 1e-12.
+    rep_tol = 1e-5 if name in ("llama_gqa", "gemma2", "gemma3") else 1e-12
+    state = _check_exact(model, outputs=outputs, rep_tol=rep_tol)
+    if name == "bert":
+        assert state.rebuild_z, "BERT on the Bridge: hook_pattern observes only, z must be rebuilt"
+        assert not state.is_causal
+    else:
+        assert state.is_causal
+
+
+@needs_hooked
+def test_batch_equals_single_replays():
+    model = hooked_model("llama_gqa")
+    state = capture(model, TOKENS)
+    gen = torch.Generator().manual_seed(1)
+    xs = state.x0 + torch.randn((4, *state.x0.shape), generator=gen, dtype=torch.float64)
+    batched = replay(model, state, xs, output="logits")
+    singles = torch.stack([replay(model, state, x, output="logits") for x in xs])
+    torch.testing.assert_close(batched, singles, rtol=1e-13, atol=1e-13)
+
+
+@needs_hooked
+def test_linear_part_is_affine_minus_constant():
+    model = hooked_model("gpt2")
+    state = capture(model, TOKENS)
+    c = replay(model, state, torch.zeros_like(state.x0))
+    lin = replay(model, state, state.x0, bias=False)
+    full = replay(model, state, state.x0)
+    torch.testing.assert_close(lin + c, full, rtol=1e-12, atol=1e-12)
+
+
+@needs_hooked
+def test_layer_range_and_heads():
+    model = hooked_model("gpt2")
+    state = capture(model, TOKENS)
+    # Block 1 alone fed with its captured input reproduces its captured output.
+    y = replay(model, state, state.resid_pre(1), layers=(1, 2))
+    torch.testing.assert_close(y, state.block_output(1), rtol=1e-12, atol=1e-12)
+    # Zeroing every head of both layers equals a model whose attention contributes only b_O.
+    no_heads = replay(model, state, state.x0, heads={0: [], 1: []})
+    all_heads = replay(model, state, state.x0, heads={0: range(4), 1: range(4)})
+    torch.testing.assert_close(all_heads, replay(model, state, state.x0), rtol=1e-14, atol=1e-14)
+    assert not torch.allclose(no_heads, all_heads)
+    with pytest.raises(ReplayError, match="head 7"):
+        replay(model, state, state.x0, heads={0: [7]})
+    with pytest.raises(ReplayError, match="stop"):
+        replay(model, state, state.x0, layers=(0, 1), output="logits")
+
+
+@needs_hooked
+def test_no_hook_survives_success_or_error():
+    model = hooked_model("gemma2_softcaps_sandwich")
+    state = capture(model, TOKENS)
+    replay(model, state, state.x0)
+    assert _hooks_left(model) == 0
+    with pytest.raises(ReplayError, match="blocks.0.hook_resid_pre|replay input"):
+        replay(model, state, torch.zeros(3, 32, dtype=torch.float64))
+    assert _hooks_left(model) == 0
+    # An error raised midway through the forward, inside a hook.
+    bad = dict(state.frozen)
+    bad["blocks.1.ln2.hook_scale"] = bad["blocks.1.ln2.hook_scale"][:, :3]
+    from dataclasses import replace
+
+    with pytest.raises(ReplayError, match="blocks.1.ln2.hook_scale"):
+        replay(model, replace(state, frozen=bad), state.x0)
+    assert _hooks_left(model) == 0
+    with pytest.raises(RuntimeError):
+        with linearized(model, state):
+            raise RuntimeError("user code fails inside the context")
+    assert _hooks_left(model) == 0
+
+
+@needs_hooked
+def test_linearized_context_composes_with_run_with_hooks():
+    model = hooked_model("gpt2")
+    state = capture(model, TOKENS)
+    seen = {}
+
+    def grab(act, hook):
+        seen["resid"] = act
+
+    with linearized(model, state) as m:
+        logits = m.run_with_hooks(TOKENS, fwd_hooks=[("blocks.1.hook_resid_post", grab)])
+        assert _hooks_left(model) > 0  # the frozen hooks are still in place after run_with_hooks
+    assert _hooks_left(model) == 0
+    torch.testing.assert_close(logits, state.logits, rtol=1e-12, atol=1e-12)
+    # The same hooks as a plain list inside run_with_hooks on a different same-length prompt: linear.
+    other = torch.randint(3, 50, TOKENS.shape)
+    out = model.run_with_hooks(other, fwd_hooks=frozen_hooks(model, state), stop_at_layer=2)
+    x_other = model.run_with_cache(other)[1]["blocks.0.hook_resid_pre"][0]
+    torch.testing.assert_close(out[0], replay(model, state, x_other), rtol=1e-12, atol=1e-12)
+
+
+@needs_hooked
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(clip_qkv=1.0), "clip_qkv"),
+        (dict(act_fn="solu"), None),  # plain solu (no LN) is supported through hook_mid
+        (dict(num_experts=2, experts_per_token=1, gated_mlp=True, act_fn="silu", normalization_type="RMS"), "num_experts"),
+    ],
+)
+def test_refused_settings_named(overrides, field):
+    from tests.models import hooked_model_cfg
+
+    if field is None:
+        model = hooked_model_cfg(**overrides)
+        verify_replay(model, TOKENS)
+        return
+    model = hooked_model_cfg(**overrides)
+    with pytest.raises(UnsupportedModelError, match=field):
+        capture(model, TOKENS)
+    assert _hooks_left(model) == 0
+
+
+@needs_hooked
+def test_unknown_activation_refused():
+    model = hooked_model("gpt2")
+    model.cfg.act_fn = "my_custom_act"
+    with pytest.raises(UnsupportedModelError, match="act_fn"):
+        capture(model, TOKENS)
+
+
+@needs_hooked
+def test_verify_raises_on_hidden_nonlinearity():
+    model = hooked_model("gpt2")
+    state = capture(model, TOKENS)
+    # A hidden nonlinearity added after capture (an unhooked tanh on the MLP output) breaks affinity.
+    handle = model.blocks[0].mlp.register_forward_hook(lambda mod, inp, out: torch.tanh(out))
+    try:
+        with pytest.raises(VerificationError, match="affine error"):
+            verify_replay(model, state)
+    finally:
+        handle.remove()
+
+
+@needs_hooked
+def test_capture_rejects_batches():
+    from tl_tensorlens import CaptureError
+
+    with pytest.raises(CaptureError, match="one prompt"):
+        capture(hooked_model("gpt2"), torch.zeros(2, 5, dtype=torch.long))
+
+
+@needs_hooked
+def test_zero_preactivation_uses_exact_limit():
+    from tl_tensorlens.capture import activation_ratio
+
+    pre = torch.tensor([0.0, 1e-320, -2.0, 3.0], dtype=torch.float64)
+    post = torch.nn.functional.gelu(pre)
+    r = activation_ratio(pre, post, "gelu")
+    assert r[0] == 0.5 and r[1] == 0.5
+    torch.testing.assert_close(r[2:] * pre[2:], post[2:], rtol=1e-15, atol=0)
