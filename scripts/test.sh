@@ -21,7 +21,7 @@ for line in $LINES; do
   if [ "$line" = "tl39" ]; then
     "$venv/bin/ruff" check .
     "$venv/bin/ruff" format --check tl_tensorlens tests
-    "$venv/bin/pyright"
+    "$venv/bin/pyright" --pythonpath "$venv/bin/python"
   fi
   # pytest exits 5 when it collects nothing: set -e turns that (and every failure) into a failed run.
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$venv/bin/python" -m pytest -q "$@"

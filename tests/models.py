@@ -24,28 +24,54 @@ HOOKED_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "gptj": dict(parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=4, rotary_adjacent_pairs=True),
     "llama_gqa": dict(
-        normalization_type="RMS", gated_mlp=True, act_fn="silu", n_key_value_heads=2,
-        positional_embedding_type="rotary", final_rms=True,
+        normalization_type="RMS",
+        gated_mlp=True,
+        act_fn="silu",
+        n_key_value_heads=2,
+        positional_embedding_type="rotary",
+        final_rms=True,
     ),
     "mistral_sliding_window": dict(
-        normalization_type="RMS", gated_mlp=True, act_fn="silu", n_key_value_heads=2,
-        positional_embedding_type="rotary", window_size=3, attn_types=["local", "local"], final_rms=True,
+        normalization_type="RMS",
+        gated_mlp=True,
+        act_fn="silu",
+        n_key_value_heads=2,
+        positional_embedding_type="rotary",
+        window_size=3,
+        attn_types=["local", "local"],
+        final_rms=True,
     ),
     "gemma1": dict(
-        normalization_type="RMS", gated_mlp=True, act_fn="gelu_new", positional_embedding_type="rotary",
+        normalization_type="RMS",
+        gated_mlp=True,
+        act_fn="gelu_new",
+        positional_embedding_type="rotary",
         original_architecture="GemmaForCausalLM",
     ),
     "gemma2_softcaps_sandwich": dict(
-        normalization_type="RMS", gated_mlp=True, act_fn="gelu_pytorch_tanh", positional_embedding_type="rotary",
-        use_normalization_before_and_after=True, attn_scores_soft_cap=50.0, output_logits_soft_cap=30.0,
+        normalization_type="RMS",
+        gated_mlp=True,
+        act_fn="gelu_pytorch_tanh",
+        positional_embedding_type="rotary",
+        use_normalization_before_and_after=True,
+        attn_scores_soft_cap=50.0,
+        output_logits_soft_cap=30.0,
         original_architecture="Gemma2ForCausalLM",
     ),
     "gemma3_qk_norm": dict(
-        normalization_type="RMS", gated_mlp=True, act_fn="gelu_pytorch_tanh", positional_embedding_type="rotary",
-        use_normalization_before_and_after=True, use_qk_norm=True, original_architecture="Gemma3ForCausalLM",
+        normalization_type="RMS",
+        gated_mlp=True,
+        act_fn="gelu_pytorch_tanh",
+        positional_embedding_type="rotary",
+        use_normalization_before_and_after=True,
+        use_qk_norm=True,
+        original_architecture="Gemma3ForCausalLM",
     ),
     "olmo2_post_norm": dict(
-        normalization_type="RMS", gated_mlp=True, act_fn="silu", positional_embedding_type="rotary",
+        normalization_type="RMS",
+        gated_mlp=True,
+        act_fn="silu",
+        positional_embedding_type="rotary",
         original_architecture="Olmo2ForCausalLM",
     ),
     "bloom_alibi": dict(positional_embedding_type="alibi", act_fn="gelu"),
@@ -105,8 +131,18 @@ def encoder_model(dtype: torch.dtype = torch.float64) -> Any:
     from transformer_lens import HookedEncoder, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=53, n_ctx=24, act_fn="gelu",
-        attention_dir="bidirectional", original_architecture="BertForMaskedLM", dtype=dtype, seed=0,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        d_vocab=53,
+        n_ctx=24,
+        act_fn="gelu",
+        attention_dir="bidirectional",
+        original_architecture="BertForMaskedLM",
+        dtype=dtype,
+        seed=0,
     )
     model = HookedEncoder(cfg)
     _init_finite(model, 1)
@@ -127,36 +163,64 @@ def hf_model(name: str, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     elif name == "neox":
         model = tr.GPTNeoXForCausalLM(
             tr.GPTNeoXConfig(
-                num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                max_position_embeddings=24, rotary_pct=0.5, **common,
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=24,
+                rotary_pct=0.5,
+                **common,
             )
         )
     elif name == "llama_gqa":
         model = tr.LlamaForCausalLM(
             tr.LlamaConfig(
-                num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=64, max_position_embeddings=24, **common,
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=24,
+                **common,
             )
         )
     elif name == "gemma2":
         model = tr.Gemma2ForCausalLM(
             tr.Gemma2Config(
-                num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                intermediate_size=64, max_position_embeddings=24, sliding_window=4, **common,
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                intermediate_size=64,
+                max_position_embeddings=24,
+                sliding_window=4,
+                **common,
             )
         )
     elif name == "gemma3":
         model = tr.Gemma3ForCausalLM(
             tr.Gemma3TextConfig(
-                num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                intermediate_size=64, max_position_embeddings=24, sliding_window=4, **common,
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                intermediate_size=64,
+                max_position_embeddings=24,
+                sliding_window=4,
+                **common,
             )
         )
     elif name == "bert":
         model = tr.BertForMaskedLM(
             tr.BertConfig(
-                num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                max_position_embeddings=24, **common,
+                num_hidden_layers=2,
+                hidden_size=32,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=24,
+                **common,
             )
         )
     else:

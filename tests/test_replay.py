@@ -26,23 +26,35 @@ def _affine_error(model, state, output, t, seed=0):
     v = torch.randn(state.x0.shape, generator=gen, dtype=torch.float64)
     x0 = state.x0
     with torch.no_grad():
-            ys = replay(model, state, torch.stack([x0, x0 + v, x0 + t * v]), output=output)
+        ys = replay(model, state, torch.stack([x0, x0 + v, x0 + t * v]), output=output)
     lin = t * (ys[1] - ys[0])
     return float((ys[2] - ys[0] - lin).norm() / lin.norm())
 
 
-def _hooks_left(model) -> int:
-    return sum(len(hp._forward_hooks) + len(hp._backward_hooks) for hp in model.hook_dict.values())
+def _hook_snapshot(model) -> dict[str, tuple[int, ...]]:
+    """Every hook function on every hook point (the Bridge keeps a few internal ones of its own)."""
+    return {
+        name: tuple(id(f) for f in (*hp._forward_hooks.values(), *hp._backward_hooks.values()))
+        for name, hp in model.hook_dict.items()
+    }
+
+
+def _hooks_left(model, before=None) -> int:
+    """Hooks present now that were not there before (before=None: a fresh HookedTransformer has none)."""
+    now = _hook_snapshot(model)
+    before = before or {}
+    return sum(len(set(v) - set(before.get(k, ()))) for k, v in now.items())
 
 
 def _check_exact(model, outputs=OUTPUTS, rep_tol=1e-12, aff_tol=1e-12):
+    before = _hook_snapshot(model)
     state = capture(model, TOKENS)
     for output in outputs:
         (check,) = verify_replay(model, state, outputs=(output,), tolerance=max(rep_tol, aff_tol))
         assert check.reproduction_error <= rep_tol, (output, check)
         for t in (1e-3, 1.0, 1e3):
             assert _affine_error(model, state, output, t) <= aff_tol, (output, t)
-    assert _hooks_left(model) == 0
+    assert _hooks_left(model, before) == 0
     return state
 
 
@@ -168,7 +180,10 @@ def test_linearized_context_composes_with_run_with_hooks():
     [
         (dict(clip_qkv=1.0), "clip_qkv"),
         (dict(act_fn="solu"), None),  # plain solu (no LN) is supported through hook_mid
-        (dict(num_experts=2, experts_per_token=1, gated_mlp=True, act_fn="silu", normalization_type="RMS"), "num_experts"),
+        (
+            dict(num_experts=2, experts_per_token=1, gated_mlp=True, act_fn="silu", normalization_type="RMS"),
+            "num_experts",
+        ),
     ],
 )
 def test_refused_settings_named(overrides, field):

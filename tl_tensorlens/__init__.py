@@ -9,8 +9,8 @@ from tl_tensorlens.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from tl_tensorlens.tensors import HeadTensor, RandomizedNorm, TensorLens, default_memory_budget
 from tl_tensorlens.replay import ReplayCheck, ReplaySpec, frozen_hooks, linearized, replay, verify_replay
+from tl_tensorlens.tensors import HeadTensor, RandomizedNorm, TensorLens, default_memory_budget
 
 __version__ = "0.1.0"
 

@@ -3,8 +3,6 @@
 import importlib.metadata
 from typing import Any
 
-import torch
-
 
 def tl_version() -> tuple[int, int]:
     """(major, minor) of the installed transformer_lens."""
@@ -37,7 +35,7 @@ def force_eager(hf_model: Any) -> None:
         hf_model.config._attn_implementation = "eager"
 
 
-def bridge_from_hf(hf_model: torch.nn.Module, tokenizer: Any = None) -> Any:
+def bridge_from_hf(hf_model: Any, tokenizer: Any = None) -> Any:
     """Wrap an in-memory Hugging Face model in a ``TransformerBridge`` with no network access.
 
     The model is put in eval mode (random-init HF models start in train mode, with dropout on)
@@ -50,6 +48,4 @@ def bridge_from_hf(hf_model: torch.nn.Module, tokenizer: Any = None) -> Any:
     config = hf_model.config
     if not getattr(config, "architectures", None):
         config.architectures = [type(hf_model).__name__]
-    return build_bridge_from_module(
-        hf_model, type(hf_model).__name__, hf_config=config, tokenizer=tokenizer
-    )
+    return build_bridge_from_module(hf_model, type(hf_model).__name__, hf_config=config, tokenizer=tokenizer)

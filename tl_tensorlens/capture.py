@@ -82,8 +82,7 @@ def check_supported(model: Any) -> None:
         bad["clip_qkv"] = "Q/K/V are clamped after hook_v with no hook: a hidden nonlinearity on the value path"
     if _cfg_get(cfg, "num_experts"):
         bad["num_experts"] = (
-            "mixture-of-experts routing is input-dependent and re-routes every item of a batch of "
-            "perturbed inputs"
+            "mixture-of-experts routing is input-dependent and re-routes every item of a batch of perturbed inputs"
         )
     norm = _cfg_get(cfg, "normalization_type")
     if norm not in _ALLOWED_NORMS:
@@ -264,7 +263,9 @@ def _mlm_head_activations(model: Any) -> dict[str, torch.nn.Module]:
     return found
 
 
-def _detect_observational_patterns(model: Any, tokens: Tensor, cache: dict[str, Tensor], n_layers: int) -> frozenset[int]:
+def _detect_observational_patterns(
+    model: Any, tokens: Tensor, cache: dict[str, Tensor], n_layers: int
+) -> frozenset[int]:
     """Layers where editing ``hook_pattern`` does not change ``hook_z`` (pattern only observed)."""
     seen: dict[int, Tensor] = {}
 
@@ -326,7 +327,9 @@ def capture(model: Any, tokens: Any) -> FrozenState:
         raise CaptureError("hook 'blocks.0.hook_resid_pre' did not fire; cannot read the block-0 input")
 
     if any(k.endswith("hook_expert_weights") for k in cache):
-        raise UnsupportedModelError({"mlp.hook_expert_weights": "mixture-of-experts routing cannot be frozen for a batch"})
+        raise UnsupportedModelError(
+            {"mlp.hook_expert_weights": "mixture-of-experts routing cannot be frozen for a batch"}
+        )
 
     frozen: dict[str, Tensor] = {}
     for name, value in cache.items():
@@ -380,6 +383,7 @@ def capture(model: Any, tokens: Any) -> FrozenState:
         handles = []
         try:
             for name, mod in acts.items():
+
                 def rec(mod: Any, inp: Any, out: Tensor, name: str = name) -> None:
                     records[name] = (inp[0].detach(), out.detach())
 

@@ -180,7 +180,9 @@ def _rebuild_z(pattern: Tensor, stash: dict[str, Tensor], key: str) -> Callable[
         if v is None:
             raise ReplayError(f"hook '{hook.name}': hook_v did not fire before hook_z")
         if v.ndim != 4 or z.ndim != 4:
-            raise ReplayError(f"hook '{hook.name}': expected [batch, pos, head, d_head], got v {tuple(v.shape)}, z {tuple(z.shape)}")
+            raise ReplayError(
+                f"hook '{hook.name}': expected [batch, pos, head, d_head], got v {tuple(v.shape)}, z {tuple(z.shape)}"
+            )
         n_heads = pattern.shape[1]
         if v.shape[2] != n_heads:
             v = v.repeat_interleave(n_heads // v.shape[2], dim=2)
@@ -241,7 +243,9 @@ def _input_hook(x: Tensor, start: int) -> tuple[str, Callable[..., Tensor]]:
 
     def feed(act: Tensor, hook: Any) -> Tensor:
         if act.shape != x.shape:
-            raise ReplayError(f"hook '{name}': replay input has shape {tuple(x.shape)}, model expects {tuple(act.shape)}")
+            raise ReplayError(
+                f"hook '{name}': replay input has shape {tuple(x.shape)}, model expects {tuple(act.shape)}"
+            )
         return x
 
     return (name, feed)
@@ -313,7 +317,7 @@ def replay(
         y = _run(model, state, x, spec)
     else:
         primal = torch.zeros_like(x)
-        _, y = torch.func.jvp(lambda inp: _run(model, state, inp, spec), (primal,), (x,))
+        y = torch.func.jvp(lambda inp: _run(model, state, inp, spec), (primal,), (x,))[1]
     return y[0] if squeeze else y
 
 
@@ -441,7 +445,7 @@ def verify_replay(
         f0, f1 = ys[0], ys[1]
         rep = float((f0 - ref).norm() / ref.norm().clamp_min(torch.finfo(ref.dtype).tiny))
         aff = 0.0
-        for t, ft in zip(ts, ys[2:]):
+        for t, ft in zip(ts, ys[2:], strict=True):
             lin = t * (f1 - f0)
             aff = max(aff, float((ft - f0 - lin).norm() / lin.norm().clamp_min(torch.finfo(ref.dtype).tiny)))
         checks.append(ReplayCheck(output, rep, aff, tol))

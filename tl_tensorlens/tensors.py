@@ -42,7 +42,7 @@ def default_memory_budget() -> int:
     return int(float(env)) if env else _DEFAULT_BUDGET
 
 
-def _fmt_bytes(n: float) -> str:
+def _fmt_bytes(n: float | int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
@@ -53,7 +53,7 @@ def _fmt_bytes(n: float) -> str:
 def _progress(total: int, desc: str, enabled: bool | None) -> Any:
     from tqdm.auto import tqdm
 
-    disable = (total < 8) if enabled is None else not enabled
+    disable = (total < 32) if enabled is None else not enabled
     return tqdm(total=total, desc=desc, disable=disable, leave=False)
 
 
@@ -216,8 +216,14 @@ class TensorLens:
         if verify:
             verify_replay(model, state, outputs=(output,))
         return cls.from_state(
-            model, state, output=output, layers=layers, heads=heads, bias=bias,
-            memory_budget=memory_budget, progress=progress,
+            model,
+            state,
+            output=output,
+            layers=layers,
+            heads=heads,
+            bias=bias,
+            memory_budget=memory_budget,
+            progress=progress,
         )
 
     @classmethod
@@ -371,7 +377,9 @@ class TensorLens:
         """``T x`` for a batch ``x`` [B, pos, d_in] (forward mode: no ``F(x) - F(0)`` cancellation)."""
         primal = torch.zeros_like(x)
         with torch.enable_grad():
-            _, tangent_out = torch.func.jvp(lambda inp: _run(self.model, self.state, inp, self.spec), (primal,), (x,))
+            tangent_out = torch.func.jvp(
+                lambda inp: _run(self.model, self.state, inp, self.spec), (primal,), (x,)
+            )[1]
         return tangent_out.detach()
 
     def apply(self, x: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos d_out"]:
@@ -379,7 +387,9 @@ class TensorLens:
         squeeze = x.ndim == 2
         xb = x[None] if squeeze else x
         if xb.ndim != 3 or xb.shape[1:] != self.input.shape:
-            raise ReplayError(f"apply: x must be [batch, {self.n_pos}, {self.d_in}] or [pos, d_model], got {tuple(x.shape)}")
+            raise ReplayError(
+                f"apply: x must be [batch, {self.n_pos}, {self.d_in}] or [pos, d_model], got {tuple(x.shape)}"
+            )
         chunk = self._chunk(self.n_pos, xb.shape[0])
         outs = [self._jvp(xb[s : s + chunk].to(self.input)) for s in range(0, xb.shape[0], chunk)]
         y = torch.cat(outs)
@@ -437,8 +447,11 @@ class TensorLens:
         """``T[pos_out]``: one VJP per output channel (batched)."""
         (i,) = self._positions(pos_out)
         nbytes = self.d_out * self.n_pos * self.d_in * self.input.element_size()
-        self._check_budget(nbytes, f"slice({pos_out}) [{self.d_out}, {self.n_pos}, {self.d_in}]",
-                           "collapse(..., positions=[i]) or a 'ln_final' output instead of 'logits'")
+        self._check_budget(
+            nbytes,
+            f"slice({pos_out}) [{self.d_out}, {self.n_pos}, {self.d_in}]",
+            "collapse(..., positions=[i]) or a 'ln_final' output instead of 'logits'",
+        )
         eye = torch.eye(self.d_out, dtype=self.input.dtype, device=self.input.device)
         return self._rows(i, eye)
 
@@ -450,8 +463,11 @@ class TensorLens:
         """
         n, d_in, d_out = self.n_pos, self.d_in, self.d_out
         nbytes = n * d_out * n * d_in * self.input.element_size()
-        self._check_budget(nbytes, f"full() [{n}, {d_out}, {n}, {d_in}]",
-                           "slice(i), collapse(...), contributions(), or fewer positions")
+        self._check_budget(
+            nbytes,
+            f"full() [{n}, {d_out}, {n}, {d_in}]",
+            "slice(i), collapse(...), contributions(), or fewer positions",
+        )
         T = torch.zeros(n, d_out, n, d_in, dtype=self.input.dtype, device=self.input.device)
         if method == "reverse":
             bar = _progress(n, "full (reverse)", self.progress)
@@ -517,7 +533,7 @@ class TensorLens:
 
     def collapse(
         self,
-        kind: CollapseKind,
+        kind: CollapseKind | str,
         *,
         token: int | Int[Tensor, " pos_out"] | None = None,
         direction: Float[Tensor, "*pos_out d_out"] | None = None,
@@ -570,7 +586,7 @@ class TensorLens:
 
     def collapse_bias(
         self,
-        kind: CollapseKind,
+        kind: CollapseKind | str,
         *,
         token: int | Int[Tensor, " pos_out"] | None = None,
         direction: Float[Tensor, "*pos_out d_out"] | None = None,
@@ -600,6 +616,10 @@ class TensorLens:
         For ``B = T[i, :, j, :]`` and a Rademacher probe ``z`` on output position ``i``,
         ``E‖Bᵀz‖² = ‖B‖²_F``, and one VJP gives ``Bᵀz`` for every ``j`` at once. Cost: ``probes`` VJPs
         per row instead of ``d_out``; the standard error shrinks as ``1/sqrt(probes)``.
+
+        The per-probe samples ``‖Bᵀz‖²`` are skewed when a few directions dominate ``B``, so with few
+        probes (< ~100) the *reported* standard error (sample std / sqrt(probes)) tends to
+        under-cover; the estimate itself stays unbiased at any ``probes``.
         """
         if probes < 2:
             raise ReplayError("collapse_randomized_norm needs probes >= 2 to report a standard error")
@@ -633,4 +653,3 @@ class TensorLens:
 
 
 __all__ = ["HeadTensor", "RandomizedNorm", "TensorLens", "default_memory_budget"]
-

@@ -1,0 +1,258 @@
+"""Attention tensors agree with an independent dense construction; collapses sum to what they should."""
+
+import warnings
+
+import pytest
+import torch
+
+from tests.dense_reference import as_tensor4, attention_matrix, mlp_matrix, model_matrix, norm_matrix
+from tests.models import HAS_HOOKED, TOKENS, bridge_model, encoder_model, hooked_model
+from tl_tensorlens import MemoryBudgetError, ReplayError, TensorLens, capture
+
+needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer/HookedEncoder exist only on TL 3.x")
+
+DENSE_FAMILIES = [
+    "gpt2",
+    "neox_parallel_partial_rotary",
+    "llama_gqa",
+    "gemma2_softcaps_sandwich",
+    "olmo2_post_norm",
+    "attn_only_ln",
+    "encoder",
+]
+
+
+def _model(name):
+    return encoder_model() if name == "encoder" else hooked_model(name)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@needs_hooked
+@pytest.mark.parametrize("name", DENSE_FAMILIES)
+def test_full_matches_independent_dense_construction(name):
+    model = _model(name)
+    outputs = ("resid_post",) if name == "encoder" else ("resid_post", "ln_final")
+    for output in outputs:
+        lens = TensorLens.from_model(model, TOKENS, output=output)
+        n, D = lens.input.shape
+        T = lens.full()
+        ref = as_tensor4(model_matrix(model, lens.state, output), n, D, D)
+        assert _rel(T, ref) <= 1e-10, (name, output)
+        # T·vec(x0) + c reproduces the model's own output.
+        y = torch.einsum("idjk,jk->id", T, lens.input) + lens.bias
+        assert _rel(y, lens.model_output()) <= 1e-12
+        # Forward-mode basis pushes give the same tensor as reverse-mode slices.
+        assert _rel(lens.full(method="forward"), T) <= 1e-12
+        for i in (0, n // 2, n - 1):
+            assert torch.equal(lens.slice(i), T[i])
+        if name != "encoder":
+            j_gt_i = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+            assert lens.state.is_causal
+            assert torch.count_nonzero(T.permute(0, 2, 1, 3)[j_gt_i]) == 0, "causal: exact zeros for pos_in > pos_out"
+        else:
+            assert not lens.state.is_causal
+
+
+@needs_hooked
+def test_logits_tensor_and_bias_free_lens():
+    model = hooked_model("gemma2_softcaps_sandwich")
+    lens = TensorLens.from_model(model, TOKENS, output="logits")
+    T = lens.full()
+    y = torch.einsum("idjk,jk->id", T, lens.input) + lens.bias
+    assert _rel(y, lens.state.logits[0]) <= 1e-12
+    lin = TensorLens.from_model(model, TOKENS, output="logits", bias=False)
+    assert torch.count_nonzero(lin.bias) == 0
+    assert _rel(lin.output, y - lens.bias) <= 1e-12
+    x = torch.randn(3, *lens.input.shape, dtype=torch.float64)
+    assert _rel(lens.apply(x), torch.einsum("idjk,bjk->bid", T, x)) <= 1e-12
+    g = torch.randn(2, *lens.bias.shape, dtype=torch.float64)
+    assert _rel(lens.apply_adjoint(g), torch.einsum("idjk,bid->bjk", T, g)) <= 1e-12
+
+
+@needs_hooked
+@pytest.mark.parametrize("name", ["gpt2", "neox_parallel_partial_rotary", "olmo2_post_norm", "encoder"])
+def test_blocks_compose_to_range(name):
+    model = _model(name)
+    lens = TensorLens.from_model(model, TOKENS)
+    n, D = lens.input.shape
+    mats = [lens.block(layer).full().reshape(n * D, n * D) for layer in range(lens.state.n_layers)]
+    composed = mats[1] @ mats[0]
+    assert _rel(composed, lens.full().reshape(n * D, n * D)) <= 1e-10
+    # A layer range is the product of its blocks too, and equals the dense construction.
+    rng = lens.layer_range(1, 2).full().reshape(n * D, n * D)
+    assert _rel(rng, mats[1]) <= 1e-12
+    assert _rel(rng, model_matrix(model, lens.state, "resid_post", start=1, stop=2)) <= 1e-10
+
+
+@needs_hooked
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_heads_plus_rest_rebuild_block(name):
+    model = hooked_model(name)
+    lens = TensorLens.from_model(model, TOKENS)
+    n, D = lens.input.shape
+    eye = torch.eye(n * D, dtype=torch.float64)
+    layer = 1
+    heads = [lens.head(layer, h) for h in range(model.cfg.n_heads)]
+    attn = sum(h.full().reshape(n * D, n * D) for h in heads)
+    assert _rel(attn, attention_matrix(model, lens.state, layer)) <= 1e-12
+    ln1 = norm_matrix(model, lens.state, f"blocks.{layer}.ln1")
+    ln2 = norm_matrix(model, lens.state, f"blocks.{layer}.ln2")
+    rebuilt = (eye + mlp_matrix(model, lens.state, layer) @ ln2) @ (eye + attn @ ln1)
+    assert _rel(rebuilt, lens.block(layer).full().reshape(n * D, n * D)) <= 1e-10
+    # The factored head: slices, norm collapse and application agree with its materialization.
+    h = heads[2]
+    Th = h.full()
+    assert torch.allclose(h[4], Th[4], rtol=1e-13, atol=1e-15)
+    assert torch.allclose(h.norm_collapse(), Th.pow(2).sum((1, 3)).sqrt(), rtol=1e-12, atol=1e-15)
+    x = torch.randn(n, D, dtype=torch.float64)
+    assert torch.allclose(h.apply(x), torch.einsum("idjk,jk->id", Th, x), rtol=1e-12, atol=1e-13)
+    assert "HeadTensor(L1H2" in repr(h)
+
+
+@needs_hooked
+def test_head_subset_lens_matches_dense_with_zeroed_heads():
+    model = hooked_model("gpt2")
+    keep = {0: [1, 3], 1: [0]}
+    lens = TensorLens.from_model(model, TOKENS, heads=keep)
+    state = lens.state
+    masked = dict(state.frozen)
+    for layer, hs in keep.items():
+        name = f"blocks.{layer}.attn.hook_pattern"
+        mask = torch.zeros(model.cfg.n_heads, dtype=torch.float64)
+        mask[hs] = 1
+        masked[name] = state.frozen[name] * mask[None, :, None, None]
+    from dataclasses import replace
+
+    ref_state = replace(state, frozen=masked)
+    n, D = lens.input.shape
+    ref = as_tensor4(model_matrix(model, ref_state, "resid_post"), n, D, D)
+    assert _rel(lens.full(), ref) <= 1e-10
+
+
+@needs_hooked
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "encoder"])
+def test_collapses_sum_to_what_they_should(name):
+    model = _model(name)
+    output = "resid_post" if name == "encoder" else "ln_final"
+    lens = TensorLens.from_model(model, TOKENS, output=output)
+    T = lens.full()
+    x = lens.input
+    # Norm = Frobenius norm of the materialized slices.
+    norm = lens.collapse("norm")
+    assert torch.allclose(norm, T.pow(2).sum(dim=(1, 3)).sqrt(), rtol=1e-12, atol=1e-14)
+    # In+Out rows sum to <h_out_i, F(x0)_i - c_i>.
+    io = lens.collapse("in_out")
+    expected = (lens.output * (lens.output - lens.bias)).sum(-1)
+    assert torch.allclose(io.sum(-1), expected, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(io, torch.einsum("id,idjk,jk->ij", lens.output, T, x), rtol=1e-10, atol=1e-12)
+    # Contributions sum over inputs to output minus bias.
+    C = lens.contributions()
+    assert torch.allclose(C.sum(1), lens.output - lens.bias, rtol=1e-10, atol=1e-12)
+    # A class direction (e.g. a classifier head column) per output position.
+    u = torch.randn(lens.d_out, dtype=torch.float64)
+    cls = lens.collapse("class", direction=u)
+    assert torch.allclose(
+        cls.sum(-1) + lens.collapse_bias("class", direction=u), lens.output @ u, rtol=1e-10, atol=1e-12
+    )
+    # Rows subset.
+    assert torch.allclose(lens.collapse("in_out", positions=[-1, 2]), io[[-1, 2]], rtol=1e-13, atol=1e-15)
+    if output == "ln_final":
+        tok = torch.arange(TOKENS.shape[1]) % 7 + 3
+        logit = lens.collapse("logit", token=tok)
+        logits = lens.state.logits[0, torch.arange(len(tok)), tok]
+        assert torch.allclose(logit.sum(-1) + lens.collapse_bias("logit", token=tok), logits, rtol=1e-10, atol=1e-10)
+
+
+@needs_hooked
+def test_logit_collapse_on_logits_output_includes_soft_cap():
+    model = hooked_model("gemma2_softcaps_sandwich")
+    lens = TensorLens.from_model(model, TOKENS, output="logits")
+    tok = 11
+    logit = lens.collapse("logit", token=tok)
+    total = logit.sum(-1) + lens.collapse_bias("logit", token=tok)
+    assert torch.allclose(total, lens.state.logits[0, :, tok], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ReplayError, match="ln_final"):
+        TensorLens.from_model(model, TOKENS).collapse("logit", token=3)
+
+
+@needs_hooked
+def test_randomized_norm_is_unbiased_and_shrinks():
+    model = hooked_model("gpt2")
+    lens = TensorLens.from_model(model, TOKENS, progress=False)
+    rows = [3, 9]
+    exact_sq = lens.collapse("norm", positions=rows).pow(2)
+    mask = exact_sq > 0
+    # Unbiased: the mean of 24 independent k=16 estimates is within 4 standard errors of the truth.
+    runs = torch.stack([lens.collapse_randomized_norm(16, positions=rows, seed=s).squared for s in range(24)])
+    se_of_mean = runs.std(0) / 24**0.5
+    z = (runs.mean(0) - exact_sq)[mask] / se_of_mean[mask]
+    assert (z.abs() <= 4).all(), z
+    # The reported standard error covers the error at a large k (the quadratic form is skewed, so
+    # the sample std of a few probes under-covers; see the docstring).
+    est = lens.collapse_randomized_norm(512, positions=rows, seed=5)
+    cover = ((est.squared - exact_sq).abs() <= 4 * est.squared_stderr)[mask].float().mean()
+    assert cover >= 0.9
+    # The error shrinks as k grows (averaged over seeds).
+    small = (runs[:8] - exact_sq).abs()[:, mask].mean()
+    big = torch.stack(
+        [
+            (lens.collapse_randomized_norm(256, positions=rows, seed=100 + s).squared - exact_sq).abs()[mask].mean()
+            for s in range(3)
+        ]
+    ).mean()
+    assert big < small / 2
+
+
+@needs_hooked
+def test_memory_budget_refuses_before_allocating():
+    model = hooked_model("gpt2")
+    lens = TensorLens.from_model(model, TOKENS, memory_budget=10_000)
+    with pytest.raises(MemoryBudgetError, match=r"full\(\).*estimated.*KiB.*cheaper"):
+        lens.full()
+    with pytest.raises(MemoryBudgetError, match="slice"):
+        TensorLens.from_model(model, TOKENS, output="logits", memory_budget=10_000).slice(0)
+    # Small requests still run, in chunks of one item.
+    assert lens.collapse("in_out").shape == (10, 10)
+
+
+@needs_hooked
+def test_causal_prefix_slice_equals_whole_prompt_slice():
+    model = hooked_model("llama_gqa")
+    lens = TensorLens.from_model(model, TOKENS)
+    state = lens.state
+    whole = TensorLens.from_state(model, state)
+    whole._causal_cache = False  # force full-length replays
+    for i in (0, 4, 9):
+        assert torch.allclose(lens.slice(i), whole.slice(i), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_bridge_lens_reproduces_output(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = bridge_model(name)
+    lens = TensorLens.from_model(model, TOKENS, verify=True)
+    T = lens.full()
+    y = torch.einsum("idjk,jk->id", T, lens.input) + lens.bias
+    assert _rel(y, lens.model_output()) <= 1e-12
+    io = lens.collapse("in_out")
+    assert torch.allclose(io.sum(-1), (lens.output * (lens.output - lens.bias)).sum(-1), rtol=1e-10, atol=1e-12)
+
+
+@needs_hooked
+def test_bad_requests_name_the_culprit():
+    model = hooked_model("gpt2")
+    lens = TensorLens.from_model(model, TOKENS)
+    with pytest.raises(ReplayError, match="position 10"):
+        lens.slice(10)
+    with pytest.raises(ReplayError, match="direction"):
+        lens.collapse("class")
+    with pytest.raises(ReplayError, match="kind 'bogus'"):
+        lens.collapse("bogus")  # type: ignore[arg-type]
+    with pytest.raises(ReplayError, match="apply"):
+        lens.apply(torch.zeros(3, 4, dtype=torch.float64))
+    assert "TensorLens(shape=[pos_out=10, d_out=32, pos_in=10, d_in=32]" in repr(lens)
+    assert capture(model, TOKENS).n_pos == 10
