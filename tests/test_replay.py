@@ -258,3 +258,14 @@ def test_bridge_rms_tolerance_is_hf_float32_upcast(name):
     assert rel <= 1e-12
     upcast_gap = float((hf_logits - reference).norm() / reference.norm())
     assert 1e-10 < upcast_gap < 1e-5, "the HF path differs from the float64 path by float32 rounding"
+
+
+@needs_hooked
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_lower_precision_within_documented_tolerance(dtype, tol):
+    from tl_tensorlens.replay import default_tolerance
+
+    assert default_tolerance(dtype) == tol
+    model = hooked_model("llama_gqa", dtype=dtype)
+    (check,) = verify_replay(model, TOKENS, outputs=("logits",))
+    assert check.ok and check.tolerance == tol

@@ -377,9 +377,7 @@ class TensorLens:
         """``T x`` for a batch ``x`` [B, pos, d_in] (forward mode: no ``F(x) - F(0)`` cancellation)."""
         primal = torch.zeros_like(x)
         with torch.enable_grad():
-            tangent_out = torch.func.jvp(
-                lambda inp: _run(self.model, self.state, inp, self.spec), (primal,), (x,)
-            )[1]
+            tangent_out = torch.func.jvp(lambda inp: _run(self.model, self.state, inp, self.spec), (primal,), (x,))[1]
         return tangent_out.detach()
 
     def apply(self, x: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos d_out"]:
@@ -519,7 +517,8 @@ class TensorLens:
             if self.spec.output == "logits":
                 u = torch.nn.functional.one_hot(tok, self.d_out).to(self.input)
             elif self.spec.output == "ln_final":
-                u = self.model.W_U.detach().to(self.input)[:, tok].T
+                cols = self.model.W_U.detach().to(self.input)[:, tok]
+                u = cols if tok.ndim == 0 else cols.T
             else:
                 raise ReplayError(
                     "collapse('logit') needs output='ln_final' or 'logits' (the residual stream is not read "
