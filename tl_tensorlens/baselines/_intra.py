@@ -1,0 +1,171 @@
+"""Intra-layer token-to-token maps: one N×N matrix per layer, rows = dest (pos_out), cols = src.
+
+Four aggregations of one attention layer, from the least to the most complete:
+
+* ``"attn"``: the head-mean attention pattern ``(1/H) Σ_h A^h``.
+* ``"w_attn"``: Kobayashi et al. 2020 ("Attention is not only a weight", Eq. 5-6):
+  ``‖Σ_h α^h_ij f^h(x_j)‖`` with ``f^h(x) = (x W_V^h + b_V^h) W_O^h``: per-head value vectors
+  mapped by the head's output projection, weighted, summed over heads, then the norm (b_O left out).
+* ``"w_attn_res_ln"``: Kobayashi et al. 2021 ("Incorporating residual and normalization layers",
+  Eq. 7-8): the residual ``x_i`` is added to the diagonal piece and the norm reading the sum is
+  applied piece-wise with its real (frozen) scale: ``‖γ ⊙ (p_ij - m(p_ij)) / s_i‖``,
+  ``p_ij = Σ_h α^h_ij f^h(x_j) + δ_ij x_i``.
+* ``"globenc"``: Modarressi et al. 2022 (GlobEnc, Sec. 3): also the second norm of the layer,
+  applied to the ResLN pieces with the scale of the real layer output; the FFN is skipped
+  (it is nonlinear), the same skip as the authors' code.
+
+Adaptation to the families TransformerLens supports (the papers only treat BERT post-LN):
+
+* **Post-LN encoders (BERT, HookedEncoder)**: exactly the authors' formulas: ResLN uses ``ln1``
+  (after attention + residual), GlbEnc then ``ln2`` (after FFN + residual), each with its frozen
+  ``hook_scale``.
+* **Pre-LN decoders**: the attention-side norm ``ln1`` *precedes* attention and acts on each token
+  alone, so it is already inside ``f^h`` (TL's ``hook_v`` is computed from ``ln1``'s output) and
+  needs no decomposition. The residual path carries ``x_i`` un-normalized. "ResLN" applies the
+  first norm that reads ``x + attn``: ``ln2`` in a sequential block, the next block's ``ln1`` (or
+  ``ln_final``) in an attention-only model; in a **parallel** block (GPT-NeoX/GPT-J) no norm reads
+  ``x + attn`` alone, so ResLN is the un-normalized ``‖p_ij‖``. "GlbEnc" applies, to the
+  un-normalized pieces, the norm that reads the block's output (next block's ``ln1``,
+  ``ln_final`` after the last block; ``ln2``'s output only feeds the skipped FFN).
+  Gemma-2/3 sandwich norms: ``ln1_post`` (per destination token, linear once frozen) is applied to
+  the attention pieces before the residual is added, so the pieces still sum to ``resid_mid``.
+* **Gated MLPs**: irrelevant here; every baseline skips the MLP (GlbEnc included, as in its paper).
+* **GQA**: ``hook_v`` has ``n_key_value_heads`` heads; query head ``h`` uses kv group
+  ``h // (n_heads // n_key_value_heads)`` (TL's ``repeat_interleave``).
+"""
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_tensorlens.baselines._common import (
+    activations_of,
+    is_post_ln,
+    n_layers_of,
+    norm_linear_part,
+    read,
+    submodule_or_none,
+)
+from tl_tensorlens.errors import TensorLensError
+
+IntraLayer = Literal["attn", "w_attn", "w_attn_res_ln", "globenc"]
+INTRA_LAYER: tuple[str, ...] = ("attn", "w_attn", "w_attn_res_ln", "globenc")
+
+
+def _value_vectors(model: Any, acts: Mapping[str, Tensor], layer: int) -> Float[Tensor, "pos head d_model"]:
+    """``f^h(x_j) = v^h_j W_O^h`` for every source token and query head (b_V is inside hook_v)."""
+    v = read(acts, f"blocks.{layer}.attn.hook_v")  # [pos, kv_head, d_head]
+    n_heads = int(model.cfg.n_heads)
+    if v.shape[1] != n_heads:
+        if n_heads % v.shape[1]:
+            raise TensorLensError(
+                f"blocks.{layer}.attn.hook_v has {v.shape[1]} kv heads, which does not divide n_heads={n_heads}"
+            )
+        v = v.repeat_interleave(n_heads // v.shape[1], dim=1)
+    w_o = model.blocks[layer].attn.W_O
+    d_head = v.shape[-1]
+    w_o = w_o.reshape(n_heads, d_head, -1).to(v.dtype)
+    return torch.einsum("jhe,hed->jhd", v, w_o)
+
+
+def _weighted_pieces(model: Any, acts: Mapping[str, Tensor], layer: int) -> Float[Tensor, "pos_out pos_in d_model"]:
+    """``z_ij = Σ_h α^h_ij f^h(x_j)`` (summed over heads before any norm, as Kobayashi 2020)."""
+    pattern = read(acts, f"blocks.{layer}.attn.hook_pattern")  # [head, dest, src]
+    fx = _value_vectors(model, acts, layer)
+    return torch.einsum("hij,jhd->ijd", pattern.to(fx.dtype), fx)
+
+
+def _add_residual(
+    pieces: Float[Tensor, "pos_out pos_in d_model"], x: Float[Tensor, "pos d_model"]
+) -> Float[Tensor, "pos_out pos_in d_model"]:
+    idx = torch.arange(x.shape[0], device=x.device)
+    out = pieces.clone()
+    out[idx, idx] = out[idx, idx] + x.to(out.dtype)
+    return out
+
+
+def _block_output_norm(model: Any, layer: int) -> str | None:
+    """Name of the norm that reads block ``layer``'s output in a pre-LN model, if any."""
+    if layer + 1 < n_layers_of(model):
+        return f"blocks.{layer + 1}.ln1"
+    return "ln_final" if submodule_or_none(model, "ln_final") is not None else None
+
+
+def _res_pieces(model: Any, acts: Mapping[str, Tensor], layer: int) -> Float[Tensor, "pos_out pos_in d_model"]:
+    """Pieces of ``x_i + attn_i`` (b_O left out): ``Σ_h α f(x_j) (+ ln1_post) + δ_ij x_i``."""
+    z = _weighted_pieces(model, acts, layer)
+    if submodule_or_none(model, f"blocks.{layer}.ln1_post") is not None:
+        z = norm_linear_part(model, acts, f"blocks.{layer}.ln1_post", z)
+    x = read(acts, f"blocks.{layer}.hook_resid_pre")
+    return _add_residual(z, x)
+
+
+def _res_ln_norm_name(model: Any, layer: int) -> str | None:
+    """The first norm that reads ``x + attn`` in a pre-LN model (module docstring, per family)."""
+    cfg = model.cfg
+    if getattr(cfg, "parallel_attn_mlp", False):
+        return None
+    if getattr(cfg, "attn_only", False) or submodule_or_none(model, f"blocks.{layer}.ln2") is None:
+        return _block_output_norm(model, layer)
+    return f"blocks.{layer}.ln2"
+
+
+def _check_supported(model: Any) -> None:
+    arch = getattr(model.cfg, "original_architecture", None) or ""
+    if arch.startswith("Olmo2"):
+        raise TensorLensError(
+            "norm-based baselines assume pre-LN or BERT post-LN blocks; OLMo-2 puts its norms "
+            "after each sublayer (original_architecture=Olmo2ForCausalLM) and is not handled"
+        )
+
+
+@torch.no_grad()
+def layer_maps(model: Any, state: Any, kind: IntraLayer) -> Float[Tensor, "layer pos_out pos_in"]:
+    """One intra-layer token map per layer, from a single capture.
+
+    Args:
+        model: HookedTransformer, HookedEncoder (or a Bridge with TL hook names and weights).
+        state: a ``FrozenState`` or the ``run_with_cache`` dict of one forward (batch 1).
+        kind: ``"attn"``, ``"w_attn"``, ``"w_attn_res_ln"`` or ``"globenc"`` (module docstring).
+
+    Returns:
+        ``[n_layers, pos_out(dest), pos_in(src)]``, nonnegative, not row-normalized.
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
+        ...     d_vocab=20, n_ctx=8, act_fn="gelu", normalization_type="LN", seed=0)
+        >>> model = HookedTransformer(cfg)
+        >>> _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+        >>> layer_maps(model, dict(cache), "w_attn").shape
+        torch.Size([2, 3, 3])
+    """
+    if kind not in INTRA_LAYER:
+        raise TensorLensError(f"unknown intra-layer aggregation {kind!r}; known: {INTRA_LAYER}")
+    _check_supported(model)
+    acts = activations_of(state)
+    maps = []
+    for layer in range(n_layers_of(model)):
+        if kind == "attn":
+            maps.append(read(acts, f"blocks.{layer}.attn.hook_pattern").mean(0))
+            continue
+        if kind == "w_attn":
+            maps.append(_weighted_pieces(model, acts, layer).norm(dim=-1))
+            continue
+        pieces = _res_pieces(model, acts, layer)
+        if is_post_ln(model):
+            pieces = norm_linear_part(model, acts, f"blocks.{layer}.ln1", pieces)
+            if kind == "globenc":
+                pieces = norm_linear_part(model, acts, f"blocks.{layer}.ln2", pieces)
+        elif kind == "w_attn_res_ln":
+            pieces = norm_linear_part(model, acts, _res_ln_norm_name(model, layer) or "", pieces)
+        else:
+            # Pre-LN: ln2's output only feeds the MLP (skipped), so the residual pieces reach the
+            # block output un-normalized; the norm that reads that output is the "second" norm.
+            pieces = norm_linear_part(model, acts, _block_output_norm(model, layer) or "", pieces)
+        maps.append(pieces.norm(dim=-1))
+    return torch.stack(maps)
