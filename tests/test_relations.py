@@ -1,0 +1,512 @@
+"""Relation decoding: data loading, prompt alignment, the mean tensor (Eq. 26) and the LRE baseline."""
+
+import json
+from pathlib import Path
+from typing import cast
+
+import pytest
+import torch
+
+from tl_tensorlens._compat import has_hooked_transformer
+from tl_tensorlens.relations import (
+    LinearRelationEmbedding,
+    MeanTensor,
+    PromptAlignmentError,
+    PromptFormat,
+    PromptTokenizer,
+    Relation,
+    RelationDataError,
+    RelationSample,
+    RelationStudyConfig,
+    WordTokenizer,
+    align_sample,
+    align_samples,
+    build_prompt,
+    decoding_metrics,
+    default_data_dir,
+    load_relation,
+    load_relations,
+    load_results,
+    lre_example,
+    make_split,
+    most_common_length,
+    plot_relation_results,
+    read_model,
+    results_table,
+    run_relation_study,
+    stack_tokens,
+    summarize_results,
+    unembed,
+)
+
+needs_hooked = pytest.mark.skipif(not has_hooked_transformer(), reason="HookedTransformer needs TransformerLens < 4")
+LRE_DIR = default_data_dir() / "relations"
+
+
+def tiny_model(seed: int = 0, d_vocab: int = 50):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        d_vocab=d_vocab,
+        n_ctx=32,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        dtype=torch.float64,
+        seed=seed,
+    )
+    model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+def write_relation(path: Path, name: str, samples: list[tuple[str, str]], **extra) -> Path:
+    data = {
+        "name": name,
+        "prompt_templates": ["{} is in"],
+        "prompt_templates_zs": ["Where is {}? It is in"],
+        "properties": {"relation_type": "toy"},
+        "samples": [{"subject": s, "object": o} for s, o in samples],
+        **extra,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+TOY = Relation(
+    "toy city",
+    ("{} is in",),
+    (),
+    tuple(RelationSample(f"c{i}", f"k{i % 4}") for i in range(12)),
+)
+
+
+# --------------------------------------------------------------------------- data
+def test_loader_synthetic_file_and_folder(tmp_path):
+    write_relation(tmp_path / "a" / "city_country.json", "city country", [("Paris", "France"), ("Rome", "Italy")])
+    write_relation(tmp_path / "b" / "x.json", "word first letter", [("apple", "a")], few_shot_separator=" . ")
+    one = load_relation(tmp_path / "a" / "city_country.json")
+    assert one.name == "city country" and one.key == "city_country" and len(one) == 2
+    assert one.relation_type == "toy" and one.few_shot_separator is None
+    both = load_relations(tmp_path)
+    assert [r.key for r in both] == ["city_country", "word_first_letter"]
+    assert both[1].few_shot_separator == " . "
+    assert [r.key for r in load_relations(tmp_path, names=["word first letter"])] == ["word_first_letter"]
+    with pytest.raises(RelationDataError, match="not found"):
+        load_relations(tmp_path, names=["nope"])
+    with pytest.raises(RelationDataError, match="no relation data"):
+        load_relations(tmp_path / "missing")
+
+
+def test_loader_rejects_malformed(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x", "prompt_templates": ["no slot"], "samples": []}))
+    with pytest.raises(RelationDataError, match="has no"):
+        load_relation(bad)
+    bad.write_text(json.dumps({"name": "x", "prompt_templates": ["{} is"], "samples": [{"subject": "a"}]}))
+    with pytest.raises(RelationDataError, match="needs 'subject' and 'object'"):
+        load_relation(bad)
+    bad.write_text("{not json")
+    with pytest.raises(RelationDataError, match="cannot read"):
+        load_relation(bad)
+
+
+def test_loader_decodes_double_escaped_unicode(tmp_path):
+    path = tmp_path / "u.json"
+    # The LRE files hold e.g. "Bras\\u00edlia": json.load gives a literal backslash-u sequence.
+    path.write_text(
+        '{"name": "u", "prompt_templates": ["{} is"], "samples": [{"subject": "x", "object": "Bras\\\\u00edlia"}]}'
+    )
+    assert load_relation(path).samples[0].object == "Brasília"
+
+
+@pytest.mark.skipif(not LRE_DIR.is_dir(), reason=f"LRE relation data not found at {LRE_DIR}")
+def test_loader_real_lre_files():
+    relations = load_relations(LRE_DIR)
+    assert len(relations) == 47
+    assert sum(len(r) for r in relations) == 11089
+    assert {r.relation_type for r in relations} == {"bias", "commonsense", "factual", "linguistic"}
+    capital = load_relations(LRE_DIR, names=["country capital city"])[0]
+    assert capital.prompt_templates[0] == "The capital city of {} is"
+    assert RelationSample("France", "Paris") in capital.samples
+    assert any(s.object == "Brasília" for s in capital.samples)
+    assert all("\\u" not in s.subject + s.object for r in relations for s in r.samples)
+    age = load_relations(LRE_DIR, names=["occupation_age"], relation_types=["bias"])[0]
+    assert {s.object for s in age.samples} == {"young", "old"}
+
+
+# --------------------------------------------------------------------------- prompts
+def test_most_common_length_ties_and_empty():
+    assert most_common_length([3, 4, 4, 3, 5]) == 3
+    assert most_common_length([(4, 1), (4, 1), (3, 0)]) == (4, 1)
+    with pytest.raises(PromptAlignmentError):
+        most_common_length([])
+
+
+def test_alignment_hand_made_lengths():
+    # "New York" and "San Jose" have two-word subjects, the rest one word: the one-word group wins.
+    r = Relation(
+        "r",
+        ("The city {} is in",),
+        (),
+        (
+            RelationSample("Paris", "France"),
+            RelationSample("New York", "USA"),
+            RelationSample("Rome", "Italy"),
+            RelationSample("San Jose", "USA"),
+            RelationSample("Oslo", "Norway"),
+            RelationSample("Paris", "Texas"),
+        ),
+    )
+    tok = WordTokenizer.from_relations([r], d_vocab=100)
+    aligned = align_samples(r, tok, few_shot="shared")
+    assert [a.sample.subject for a in aligned] == ["Paris", "Rome", "Oslo"]  # duplicate "Paris" dropped
+    assert {a.key for a in aligned} == {(5, 2)}  # "The city X is in": subject's last token at index 2
+    # leave-one-out also needs equal demo lengths: nothing changes here (one-word objects).
+    assert len(align_samples(r, tok, few_shot="leave_one_out")) == 3
+
+
+def test_alignment_leave_one_out_filters_demo_length():
+    r = Relation(
+        "r",
+        ("{} is in",),
+        (),
+        (
+            RelationSample("a", "x"),
+            RelationSample("b", "x y"),
+            RelationSample("c", "z"),
+            RelationSample("d", "w"),
+        ),
+    )
+    tok = WordTokenizer.from_relations([r], d_vocab=100)
+    assert len(align_samples(r, tok, few_shot="shared")) == 4
+    assert [a.sample.subject for a in align_samples(r, tok, few_shot="leave_one_out")] == ["a", "c", "d"]
+
+
+def test_prompt_positions_and_split_alignment():
+    tok = WordTokenizer.from_relations([TOY], d_vocab=100)
+    aligned = align_samples(TOY, tok)
+    p = build_prompt(aligned[3], aligned[:2], tok)
+    # BOS + 2 demos of "cX is in kY \n" (5 tokens each) + "cZ is in": subject at 1 + 10.
+    assert p.n_pos == 14 and p.subject_pos == 11 and p.tokens[0] == 0
+    assert p.tokens[p.subject_pos] == tok.encode("c3")[0]
+    assert p.object_token == tok.encode(" k3")[0]
+    for few_shot in ("leave_one_out", "shared"):
+        cfg = RelationStudyConfig(n_train=4, few_shot=few_shot)
+        split = make_split(aligned, tok, cfg, 0)
+        assert split is not None
+        prompts = split.train + split.test
+        assert len({(q.n_pos, q.subject_pos) for q in prompts}) == 1
+        assert stack_tokens(prompts).shape == (len(prompts), prompts[0].n_pos)
+        train_subjects = {q.sample.subject for q in split.train}
+        assert not train_subjects & {q.sample.subject for q in split.test}
+        for q in prompts:  # a prompt never shows its own answer as a demo
+            assert q.sample not in q.demos
+        if few_shot == "leave_one_out":
+            assert all(len(q.demos) == 3 for q in prompts)
+        else:
+            assert len(split.test) == len(aligned) - 4 - 3
+    # seeded: same split twice, another split differs
+    cfg = RelationStudyConfig(n_train=4)
+    one, two = make_split(aligned, tok, cfg, 1), make_split(aligned, tok, cfg, 2)
+    assert one is not None and two is not None
+    assert one == make_split(aligned, tok, cfg, 1) and one.train != two.train
+    assert make_split(aligned[:4], tok, cfg, 0) is None  # no test sample left
+
+
+def test_stack_tokens_refuses_misaligned():
+    tok = WordTokenizer.from_relations([TOY], d_vocab=100)
+    a = align_samples(TOY, tok)
+    with pytest.raises(PromptAlignmentError, match="not aligned"):
+        stack_tokens([build_prompt(a[0], [], tok), build_prompt(a[1], [a[2]], tok)])
+
+
+def test_alignment_detects_subject_merge():
+    # A toy tokenizer that merges "X is" into one token when X ends with "!".
+    def encode(text: str) -> list[int]:
+        return [hash(w) % 97 for w in text.replace("! is", "!_is").split()]
+
+    tok = PromptTokenizer(encode=encode, bos_token_id=None)
+    with pytest.raises(PromptAlignmentError, match="merged"):
+        align_sample(tok, "{} is in", RelationSample("wow!", "x"), PromptFormat())
+    assert align_sample(tok, "{} is in", RelationSample("wow", "x"), PromptFormat()).subject_index == 0
+
+
+def test_separator_from_relation():
+    r = Relation("r", ("{} lives in",), (), (RelationSample("A", "X"),), few_shot_separator=" . ")
+    fmt = PromptFormat().for_relation(r)
+    assert fmt.demo_text("{} lives in", r.samples[0]) == "A lives in X . "
+    assert PromptFormat(separator="; ").for_relation(r).separator == "; "
+
+
+# --------------------------------------------------------------------------- metrics and tables
+def test_decoding_metrics_hand_worked():
+    approx = torch.tensor([[0.0, 3.0, 2.0, 1.0], [5.0, 0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0]])
+    model = torch.tensor([[0.0, 9.0, 0.0, 0.0], [0.0, 9.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
+    objects = torch.tensor([2, 0, 1])
+    m = decoding_metrics(approx, model, objects, recall_k=2)
+    assert m == pytest.approx({"faithfulness": 2 / 3, "accuracy": 1 / 3, "recall@k": 2 / 3})
+
+
+def test_summary_table_and_plot():
+    rows = []
+    for split, (a, b) in enumerate([(1.0, 0.5), (0.5, 0.5), (0.75, 0.0)]):
+        for method, f in (("mean_tensor", a), ("lre_b1", b)):
+            rows.append(
+                {
+                    "relation": "r",
+                    "method": method,
+                    "status": "ok",
+                    "faithfulness": f,
+                    "random": 0.25,
+                    "n_test": 4,
+                    "split": split,
+                }
+            )
+    rows.append({"relation": "r", "method": "lre_b1", "status": "skipped", "split": 3})
+    s = summarize_results(rows)["r"]
+    assert s["n_splits"] == 3 and s["random"] == 0.25
+    assert s["methods"]["mean_tensor"] == pytest.approx((0.75, 0.25, 3))
+    table = results_table(rows)
+    assert "| r | 3 | 4.0 | 0.25 | **0.75 ± 0.25** | 0.33 ± 0.29 |" in table
+    fig = plot_relation_results(rows, title="t")
+    assert type(fig).__name__ == "Figure" and len(fig.axes) == 1
+
+
+# --------------------------------------------------------------------------- operators
+def test_lre_recovers_linear_toy_map():
+    torch.manual_seed(0)
+    A = torch.randn(5, 4, dtype=torch.float64)
+    c = torch.randn(5, dtype=torch.float64)
+    states = torch.randn(6, 4, dtype=torch.float64)
+    lre = LinearRelationEmbedding.from_function(lambda s: A @ s + c, states)
+    torch.testing.assert_close(lre.weight, A, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lre.bias, c, rtol=0, atol=1e-12)
+    s_new = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(lre.apply(s_new), s_new @ A.T + c)
+    torch.testing.assert_close(lre.with_beta(2.0).apply(s_new), 2.0 * s_new @ A.T + c)
+
+
+@needs_hooked
+def test_lre_on_attention_free_linear_model_recovers_map():
+    """A model that is linear in the subject state: LRE's W must equal that linear map exactly."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=8,
+        n_heads=2,
+        d_head=4,
+        d_vocab=13,
+        n_ctx=8,
+        attn_only=True,
+        normalization_type=None,
+        act_fn="relu",
+        dtype=torch.float64,
+        seed=1,
+    )
+    model = HookedTransformer(cfg).eval()
+    tokens = torch.tensor([[1, 2, 3, 4], [2, 5, 3, 1]])
+    # With W_O = 0 the attention adds the constant b_O and there is no norm, so at the last
+    # position (the subject's) F(s) = s + b_O: W = I, b = b_O.
+    with torch.no_grad():
+        model.blocks[0].attn.W_O.zero_()
+    lre = LinearRelationEmbedding.fit(model, tokens, 3, layer=0)
+    torch.testing.assert_close(lre.weight, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(lre.bias, model.blocks[0].attn.b_O.detach(), rtol=0, atol=1e-12)
+
+
+@needs_hooked
+def test_lre_example_matches_finite_differences():
+    model = tiny_model()
+    tokens = torch.tensor([[3, 7, 1, 9, 4, 2]])
+    W, b, s = lre_example(model, tokens, 3, layer=1)
+
+    def f(h):
+        def feed(act, hook):
+            act = act.clone()
+            act[:, 3] = h
+            return act
+
+        with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", feed)]):
+            resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+        return model.ln_final(resid)[0, -1]
+
+    torch.testing.assert_close(W, torch.autograd.functional.jacobian(f, s), rtol=0, atol=1e-10)
+    torch.testing.assert_close(W @ s + b, f(s).detach(), rtol=0, atol=1e-12)
+
+
+@needs_hooked
+def test_mean_tensor_single_example_reproduces_model_output():
+    model = tiny_model()
+    tokens = torch.tensor([[5, 11, 3, 8, 2, 30, 7]])
+    mean = MeanTensor.fit(model, tokens)
+    read = read_model(model, tokens, subject_pos=4)
+    y = mean.apply(read.x0)
+    torch.testing.assert_close(y, read.final, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        logits = model(tokens)[:, -1]
+    torch.testing.assert_close(unembed(model, y), logits, rtol=0, atol=1e-10)
+    assert "MeanTensor(d_out=32, pos=7, d_model=32, n_examples=1" in repr(mean)
+
+
+@needs_hooked
+def test_mean_tensor_identical_examples_and_linearity():
+    model = tiny_model()
+    one = torch.tensor([[5, 11, 3, 8, 2]])
+    single = MeanTensor.fit(model, one)
+    triple = MeanTensor.fit(model, one.repeat(3, 1))
+    assert triple.n_examples == 3
+    torch.testing.assert_close(triple.weight, single.weight, rtol=0, atol=1e-12)
+    torch.testing.assert_close(triple.bias, single.bias, rtol=0, atol=1e-12)
+    # The mean of two different prompts is the mean of their own operators.
+    two = torch.tensor([[5, 11, 3, 8, 2], [9, 1, 3, 4, 2]])
+    pair = MeanTensor.fit(model, two)
+    other = MeanTensor.fit(model, two[1:])
+    torch.testing.assert_close(pair.weight, (single.weight + other.weight) / 2, rtol=0, atol=1e-12)
+    with pytest.raises(Exception, match="not aligned"):
+        pair.apply(torch.zeros(4, 32, dtype=torch.float64))
+
+
+@needs_hooked
+def test_read_model_matches_cache():
+    model = tiny_model()
+    tokens = torch.tensor([[5, 11, 3, 8, 2], [9, 1, 3, 4, 2], [1, 2, 3, 4, 5]])
+    read = read_model(model, tokens, 2, layers=(0, 1), batch_size=2)
+    out, cache = model.run_with_cache(tokens)
+    logits = cast(torch.Tensor, out)
+    torch.testing.assert_close(read.logits, logits[:, -1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(read.x0, cache["blocks.0.hook_resid_pre"], rtol=0, atol=0)
+    # Batch size 2 vs 3 changes float reduction order: equal to rounding, not bitwise.
+    torch.testing.assert_close(read.subject[1], cache["blocks.1.hook_resid_pre"][:, 2], rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- study
+@needs_hooked
+def test_study_end_to_end_resumable(tmp_path):
+    model = tiny_model(d_vocab=60)
+    tok = WordTokenizer.from_relations([TOY], d_vocab=60)
+    cfg = RelationStudyConfig(n_train=3, n_splits=2, top_k_filter=60, betas=(1.0, 2.25), mean_tensor_ablation=True)
+    path = tmp_path / "results.jsonl"
+    rows = run_relation_study(model, [TOY], cfg, tokenizer=tok, results_path=path, progress=False, model_name="tiny")
+    assert {r["method"] for r in rows} == {"mean_tensor", "mean_tensor_nobias", "lre_b1", "lre_b2.25"}
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert all(r["n_test"] == len(align_samples(TOY, tok)) - 3 for r in rows)
+    assert all(0.0 <= r["faithfulness"] <= 1.0 for r in rows)
+    assert len(load_results(path)) == 8
+    # A rerun computes nothing new (the file does not grow) and returns the same rows.
+    again = run_relation_study(model, [TOY], cfg, tokenizer=tok, results_path=path, progress=False, model_name="tiny")
+    assert again == rows and len(load_results(path)) == 8
+    # Another config is a different study: rows are added, not reused.
+    run_relation_study(
+        model,
+        [TOY],
+        RelationStudyConfig(n_train=2, n_splits=1, top_k_filter=60, betas=(1.0,)),
+        tokenizer=tok,
+        results_path=path,
+        progress=False,
+        model_name="tiny",
+    )
+    assert len(load_results(path)) == 10
+    assert "mean_tensor" in results_table(rows)
+
+
+@needs_hooked
+def test_study_mean_tensor_exact_when_test_equals_train():
+    """With the test prompt identical to the single training prompt the mean tensor is the model."""
+    model = tiny_model(d_vocab=60)
+    r = Relation("same", ("{} is in",), (), tuple(RelationSample("c1", "k1") for _ in range(1)))
+    tok = WordTokenizer.from_relations([r], d_vocab=60)
+    (a,) = align_samples(r, tok)
+    prompt = build_prompt(a, [], tok)
+    tokens = stack_tokens([prompt])
+    mean = MeanTensor.fit(model, tokens)
+    read = read_model(model, tokens, prompt.subject_pos)
+    m = decoding_metrics(unembed(model, mean.apply(read.x0)), read.logits, torch.tensor([a.object_token]))
+    assert m["faithfulness"] == 1.0
+
+
+@needs_hooked
+def test_study_skips_small_relations(tmp_path):
+    model = tiny_model(d_vocab=60)
+    small = Relation("small", ("{} is in",), (), (RelationSample("a", "b"), RelationSample("c", "d")))
+    tok = WordTokenizer.from_relations([small], d_vocab=60)
+    rows = run_relation_study(
+        model, [small], RelationStudyConfig(n_train=3, n_splits=1, betas=(1.0,)), tokenizer=tok, progress=False
+    )
+    assert {r["status"] for r in rows} == {"skipped"}
+    assert summarize_results(rows) == {}
+
+
+def test_cli_smoke_random_model(tmp_path):
+    """The study script runs end to end on a random-init model with a made-up tokenizer."""
+    import importlib.util
+
+    if not has_hooked_transformer():
+        pytest.skip("the random-tiny model is a HookedTransformer (TransformerLens < 4)")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_relations_study.py"
+    spec = importlib.util.spec_from_file_location("run_relations_study", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rel = write_relation(tmp_path / "rel" / "toy.json", "toy", [(f"c{i}", f"k{i % 3}") for i in range(10)])
+    out = tmp_path / "out"
+    code = module.main(
+        [
+            "--model",
+            "random-tiny",
+            "--relations",
+            str(rel.parent),
+            "--n-train",
+            "3",
+            "--n-splits",
+            "2",
+            "--betas",
+            "1",
+            "2.25",
+            "--results",
+            str(out / "r.jsonl"),
+            "--table",
+            str(out / "table.md"),
+            "--plot",
+            str(out / "plot.png"),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    assert "mean_tensor" in (out / "table.md").read_text()
+    assert (out / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox"])
+def test_bridge_mean_tensor_and_lre_reproduce_model(family):
+    """On a TransformerBridge (TL 3.9 and 4.x) both operators reproduce a single example's output."""
+    from tests.models import TOKENS, bridge_model
+
+    model = bridge_model(family)
+    tokens = TOKENS[:, :7]
+    read = read_model(model, tokens, 3, layers=(0, 1))
+    with torch.no_grad():
+        logits = cast(torch.Tensor, model(tokens))[:, -1]
+    torch.testing.assert_close(read.logits, logits, rtol=0, atol=1e-10)
+    mean = MeanTensor.fit(model, tokens)
+    torch.testing.assert_close(unembed(model, mean.apply(read.x0)), logits, rtol=0, atol=1e-10)
+    lre = LinearRelationEmbedding.fit(model, tokens, 3, layer=1)
+    torch.testing.assert_close(unembed(model, lre.apply(read.subject[1])), logits, rtol=0, atol=1e-10)
+
+
+def test_study_on_bridge():
+    """The whole study runs on a TransformerBridge (the only backend of TransformerLens 4)."""
+    from tests.models import bridge_model
+
+    model = bridge_model("gpt2")
+    tok = WordTokenizer.from_relations([TOY], d_vocab=int(model.cfg.d_vocab))
+    cfg = RelationStudyConfig(n_train=3, n_splits=1, top_k_filter=int(model.cfg.d_vocab), betas=(2.25,))
+    rows = run_relation_study(model, [TOY], cfg, tokenizer=tok, progress=False)
+    assert [r["method"] for r in rows] == ["mean_tensor", "lre_b2.25"]
+    assert all(r["status"] == "ok" and r["n_test"] == 9 for r in rows)

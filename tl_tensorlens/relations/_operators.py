@@ -1,0 +1,408 @@
+"""Linear relation operators: the mean tensor (TensorLens Eq. 26) and the LRE baseline.
+
+**Mean tensor** (TensorLens, arXiv 2601.17958, Sec. 4.2, Eq. 26 with the biases of App. B). For
+training prompts ``X_1 … X_n`` of one relation, aligned so that they share a length (see
+:mod:`tl_tensorlens.relations._prompts`), each prompt's model is an exact affine map
+``F(X) = T_k vec(X) + c_k`` at its own input. Only the last position's output matters, so
+
+    T̄ = (1/n) Σ_k T_k[-1] ∈ R^{d_out × pos × d_model},      c̄ = (1/n) Σ_k c_k[-1],
+    ŷ(X') = Σ_j T̄[:, j, :] x'_j + c̄,                        logits = unembed(ŷ).
+
+The output point is the unembedding input (``output="ln_final"``), so the prediction is decoded
+exactly as the model decodes its own last hidden state.
+
+**LRE** (Hernandez et al. 2024, "Linearity of Relation Decoding in Transformer Language Models",
+ICLR, Sec. 3). With ``s`` the subject's hidden state (last subject token, at the input of block
+``layer``; ``layer=0`` is the input embedding, the ablation the TensorLens paper compares against)
+and ``o = F(s)`` the same output point as above, each training example gives a first-order
+approximation ``W_k = ∂F/∂s |_{s_k}``, ``b_k = F(s_k) − W_k s_k``; the LRE averages them and
+scales the weight:
+
+    LRE(s') = β W̄ s' + b̄,      W̄ = (1/n) Σ_k W_k,   b̄ = (1/n) Σ_k b_k.
+
+The Jacobian is taken on the *real* model (not a frozen replay), with a hook feeding ``s``. LRE's
+reference code uses β = 2.25 for GPT-J and GPT-2-XL; the value for GPT-NeoX used in the TensorLens
+paper was lost with its formulas, so β is a parameter (the study reports a small grid).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_tensorlens.errors import TensorLensError
+from tl_tensorlens.replay import OutputPoint
+
+__all__ = [
+    "LinearRelationEmbedding",
+    "MeanTensor",
+    "ModelReadout",
+    "lre_example",
+    "read_model",
+    "unembed",
+]
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once everything needed is recorded, to skip the rest of the forward."""
+
+
+def _unembed_module(model: Any) -> torch.nn.Module:
+    module = getattr(model, "unembed", None)
+    if not isinstance(module, torch.nn.Module):
+        raise TensorLensError(f"{type(model).__name__} has no `unembed` module to decode predictions with")
+    return module
+
+
+def unembed(model: Any, y: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
+    """Decode hidden states at the unembedding input (``ln_final`` output) into logits.
+
+    A logit soft-cap (Gemma-2), applied by the model after the unembedding, is left out: it is
+    monotone, so top-k predictions are unchanged.
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=8,
+        ...                               act_fn="gelu_new", normalization_type="LN")
+        >>> unembed(HookedTransformer(cfg), torch.zeros(3, 8)).shape
+        torch.Size([3, 11])
+    """
+    shape = y.shape[:-1]
+    flat = y.reshape(-1, 1, y.shape[-1])
+    return _unembed_module(model)(flat)[:, 0].reshape(*shape, -1)
+
+
+@dataclass(frozen=True)
+class ModelReadout:
+    """What one batched forward over aligned prompts records.
+
+    Attributes:
+        x0: ``blocks.0.hook_resid_pre`` — the tensor's input ``X``.
+        final: The unembedding input at the last position (the ``"ln_final"`` output point).
+        logits: The model's logits at the last position.
+        subject: ``blocks.{layer}.hook_resid_pre`` at the subject position, per requested layer.
+    """
+
+    x0: Float[Tensor, "batch pos d_model"]
+    final: Float[Tensor, "batch d_model"]
+    logits: Float[Tensor, "batch d_vocab"]
+    subject: dict[int, Float[Tensor, "batch d_model"]]
+
+
+def _last_unembed_input(model: Any, tokens: Tensor, fwd_hooks: list[tuple[str, Any]]) -> Tensor:
+    """Run ``model`` and return the unembedding input at the last position, skipping the unembedding."""
+    store: dict[str, Tensor] = {}
+
+    def grab(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        store["u"] = args[0][:, -1]
+        raise _StopForward
+
+    # A plain module pre-hook: TL has no hook point on the unembedding input in HookedTransformer,
+    # and stopping here avoids computing [batch, pos, d_vocab] logits we would discard.
+    handle = _unembed_module(model).register_forward_pre_hook(grab)
+    try:
+        with model.hooks(fwd_hooks=fwd_hooks):
+            model(tokens)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "u" not in store:
+        raise TensorLensError("the model's forward never reached `unembed`; cannot read the ln_final output")
+    return store["u"]
+
+
+@torch.no_grad()
+def read_model(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    subject_pos: int,
+    *,
+    layers: Sequence[int] = (0,),
+    batch_size: int = 32,
+) -> ModelReadout:
+    """One batched forward over aligned prompts: input ``x0``, last hidden state, logits, subject states.
+
+    Args:
+        model: A TransformerLens model.
+        tokens: Aligned prompts.
+        subject_pos: Position of the subject's last token (shared by all prompts).
+        layers: Record ``blocks.{layer}.hook_resid_pre`` at ``subject_pos`` for these layers.
+        batch_size: Prompts per forward.
+    """
+    device = next(model.parameters()).device
+    x0s, finals, subjects = [], [], {layer: [] for layer in layers}
+    for start in range(0, tokens.shape[0], batch_size):
+        chunk = tokens[start : start + batch_size].to(device)
+        rec: dict[str, Tensor] = {}
+
+        def keeper(name: str) -> Any:
+            # Record under the name asked for: on a TransformerBridge `hook.name` is the canonical
+            # name (e.g. `blocks.0.hook_in`), not the `hook_resid_pre` alias we registered.
+            def keep(act: Tensor, hook: Any) -> None:
+                rec[name] = act.detach()
+
+            return keep
+
+        names = {"blocks.0.hook_resid_pre"} | {f"blocks.{layer}.hook_resid_pre" for layer in layers}
+        finals.append(_last_unembed_input(model, chunk, [(n, keeper(n)) for n in sorted(names)]).detach())
+        x0s.append(rec["blocks.0.hook_resid_pre"])
+        for layer in layers:
+            subjects[layer].append(rec[f"blocks.{layer}.hook_resid_pre"][:, subject_pos])
+    final = torch.cat(finals)
+    return ModelReadout(
+        x0=torch.cat(x0s),
+        final=final,
+        logits=unembed(model, final),
+        subject={layer: torch.cat(v) for layer, v in subjects.items()},
+    )
+
+
+@dataclass(frozen=True)
+class MeanTensor:
+    """The mean affine operator of a relation's training prompts, last output position only (Eq. 26).
+
+    Attributes:
+        weight: ``T̄ = mean_k T_k[-1]``, ``[d_out, pos, d_model]``.
+        bias: ``c̄ = mean_k c_k[-1]``.
+        n_examples: Number of prompts averaged.
+        output: The output point (``"ln_final"``: the unembedding input).
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> torch.manual_seed(0) and None
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=8,
+        ...                               act_fn="gelu_new", normalization_type="LN", dtype=torch.float64)
+        >>> model = HookedTransformer(cfg)
+        >>> tokens = torch.tensor([[1, 2, 3, 4]])
+        >>> mt = MeanTensor.fit(model, tokens)
+        >>> x0 = read_model(model, tokens, 0).x0
+        >>> bool(torch.allclose(unembed(model, mt.apply(x0)), model(tokens)[:, -1]))
+        True
+    """
+
+    weight: Float[Tensor, "d_out pos d_model"]
+    bias: Float[Tensor, " d_out"]
+    n_examples: int
+    output: OutputPoint = "ln_final"
+
+    @classmethod
+    def fit(
+        cls,
+        model: Any,
+        tokens: Int[Tensor, "n pos"],
+        *,
+        output: OutputPoint = "ln_final",
+        progress: bool = False,
+    ) -> "MeanTensor":
+        """Average the last-position slices and biases of ``TensorLens.from_model`` over prompts.
+
+        Memory: one ``[d_out, pos, d_model]`` running sum; each prompt's lens is dropped as soon as
+        its slice is added (``d_model·pos·d_out`` floats, e.g. 0.28 GB for GPT-2 small at 60 tokens
+        in float64).
+
+        Args:
+            model: A TransformerLens model supported by :class:`tl_tensorlens.TensorLens`.
+            tokens: Aligned training prompts, ``[n, pos]``.
+            output: Output point passed to ``TensorLens.from_model``.
+            progress: Show a tqdm bar over prompts.
+
+        Raises:
+            TensorLensError: No prompt given.
+        """
+        from tl_tensorlens.tensors import TensorLens  # the core imports nothing from here
+
+        if tokens.ndim != 2 or tokens.shape[0] == 0:
+            raise TensorLensError(f"MeanTensor.fit needs tokens [n >= 1, pos], got shape {tuple(tokens.shape)}")
+        rows = range(tokens.shape[0])
+        if progress:
+            from tqdm.auto import tqdm
+
+            rows = tqdm(rows, desc="mean tensor", leave=False)
+        weight: Tensor | None = None
+        bias: Tensor | None = None
+        last = tokens.shape[1] - 1
+        for k in rows:
+            # Slices are vector-Jacobian products of the frozen replay: grads must be on even
+            # when the caller (e.g. the study) runs under no_grad.
+            with torch.enable_grad():
+                lens = TensorLens.from_model(model, tokens[k : k + 1], output=output)
+                t_k, c_k = lens.slice(last).detach(), lens.bias[last].detach()
+            del lens
+            if weight is None:
+                weight, bias = t_k.clone(), c_k.clone()
+            else:
+                assert bias is not None  # set together with weight; for the type checker
+                weight += t_k
+                bias += c_k
+        assert weight is not None and bias is not None
+        n = tokens.shape[0]
+        return cls(weight / n, bias / n, n, output)
+
+    def apply(self, x: Float[Tensor, "*batch pos d_model"], *, bias: bool = True) -> Float[Tensor, "*batch d_out"]:
+        """``ŷ = Σ_j T̄[:, j, :] x_j (+ c̄)`` for inputs ``x`` at ``blocks.0.hook_resid_pre``.
+
+        Raises:
+            TensorLensError: ``x`` has another number of positions or width than the tensor.
+        """
+        if tuple(x.shape[-2:]) != tuple(self.weight.shape[1:]):
+            raise TensorLensError(
+                f"input [.., pos, d_model] = {tuple(x.shape)} does not match the mean tensor's "
+                f"[pos, d_model] = {tuple(self.weight.shape[1:])}: prompts are not aligned"
+            )
+        y = torch.einsum("opd,...pd->...o", self.weight, x.to(self.weight.dtype))
+        return y + self.bias if bias else y
+
+    def __repr__(self) -> str:
+        d_out, pos, d_model = self.weight.shape
+        return (
+            f"MeanTensor(d_out={d_out}, pos={pos}, d_model={d_model}, n_examples={self.n_examples}, "
+            f"output={self.output!r}, dtype={self.weight.dtype}, device={self.weight.device})"
+        )
+
+
+def _jacobian_rows(y: Tensor, h: Tensor, chunk: int) -> Tensor:
+    """``∂y/∂h`` as [len(y), len(h)], in chunks of vector-Jacobian products."""
+    eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
+    rows = []
+    for start in range(0, y.shape[0], chunk):
+        basis = eye[start : start + chunk]
+        try:
+            (grad,) = torch.autograd.grad(y, h, grad_outputs=basis, retain_graph=True, is_grads_batched=True)
+        except RuntimeError:
+            # Some ops lack vmap batching rules for a batched backward; a loop is always correct.
+            grad = torch.stack([torch.autograd.grad(y, h, grad_outputs=g, retain_graph=True)[0] for g in basis])
+        rows.append(grad)
+    return torch.cat(rows)
+
+
+def lre_example(
+    model: Any, tokens: Int[Tensor, "1 pos"], subject_pos: int, *, layer: int = 0, chunk: int = 256
+) -> tuple[Float[Tensor, "d_out d_model"], Float[Tensor, " d_out"], Float[Tensor, " d_model"]]:
+    """First-order approximation of one prompt (LRE's ``order_1_approx``) on the real model.
+
+    Returns:
+        ``(W, b, s)`` with ``W = ∂F/∂s`` at the subject state ``s`` and ``b = F(s) − W s``, where
+        ``F`` maps ``blocks.{layer}.hook_resid_pre`` at ``subject_pos`` to the unembedding input at
+        the last position.
+    """
+    hook_name = f"blocks.{layer}.hook_resid_pre"
+    s0 = read_model(model, tokens, subject_pos, layers=(layer,)).subject[layer][0]
+    s = s0.clone().requires_grad_(True)
+
+    def feed(act: Tensor, hook: Any) -> Tensor:
+        act = act.clone()
+        act[:, subject_pos] = s
+        return act
+
+    with torch.enable_grad():
+        y = _last_unembed_input(model, tokens.to(s.device), [(hook_name, feed)])[0]
+        weight = _jacobian_rows(y, s, chunk)
+    weight = weight.detach()
+    return weight, (y.detach() - weight @ s0), s0
+
+
+@dataclass(frozen=True)
+class LinearRelationEmbedding:
+    """A Linear Relational Embedding ``LRE(s) = β W̄ s + b̄`` (Hernandez et al. 2024).
+
+    Attributes:
+        weight: Mean Jacobian ``W̄``, ``[d_out, d_model]``.
+        bias: Mean bias ``b̄``.
+        layer: ``s`` is read at ``blocks.{layer}.hook_resid_pre`` (0: input embedding).
+        beta: Scale of the weight term.
+        n_examples: Number of training prompts averaged.
+
+    Example:
+        >>> import torch
+        >>> lre = LinearRelationEmbedding(torch.eye(2), torch.ones(2), layer=0, beta=2.0, n_examples=1)
+        >>> lre.apply(torch.tensor([1.0, 2.0]))
+        tensor([3., 5.])
+    """
+
+    weight: Float[Tensor, "d_out d_model"]
+    bias: Float[Tensor, " d_out"]
+    layer: int = 0
+    beta: float = 1.0
+    n_examples: int = 1
+
+    @classmethod
+    def fit(
+        cls,
+        model: Any,
+        tokens: Int[Tensor, "n pos"],
+        subject_pos: int | Sequence[int],
+        *,
+        layer: int = 0,
+        beta: float = 1.0,
+        progress: bool = False,
+    ) -> "LinearRelationEmbedding":
+        """Average per-prompt Jacobians and biases over training prompts.
+
+        Args:
+            model: A TransformerLens model.
+            tokens: Training prompts ``[n, pos]`` (need not be aligned when ``subject_pos`` is a list).
+            subject_pos: Subject's last-token position, shared or per prompt.
+            layer: Block whose ``hook_resid_pre`` holds ``s``.
+            beta: Weight scale.
+            progress: Show a tqdm bar.
+        """
+        n = tokens.shape[0]
+        if n == 0:
+            raise TensorLensError("LinearRelationEmbedding.fit needs at least one prompt")
+        positions = [subject_pos] * n if isinstance(subject_pos, int) else list(subject_pos)
+        if len(positions) != n:
+            raise TensorLensError(f"{len(positions)} subject positions for {n} prompts")
+        rows = range(n)
+        if progress:
+            from tqdm.auto import tqdm
+
+            rows = tqdm(rows, desc="LRE", leave=False)
+        weight_sum: Tensor | None = None
+        bias_sum: Tensor | None = None
+        for k in rows:
+            w, b, _ = lre_example(model, tokens[k : k + 1], positions[k], layer=layer)
+            weight_sum = w if weight_sum is None else weight_sum + w
+            bias_sum = b if bias_sum is None else bias_sum + b
+        assert weight_sum is not None and bias_sum is not None
+        return cls(weight_sum / n, bias_sum / n, layer, float(beta), n)
+
+    @classmethod
+    def from_function(
+        cls, fn: Any, states: Float[Tensor, "n d_model"], *, beta: float = 1.0, layer: int = 0
+    ) -> "LinearRelationEmbedding":
+        """LRE of any differentiable ``fn: [d_model] → [d_out]`` from states ``s_k`` (for tests and toys).
+
+        Example:
+            >>> import torch
+            >>> A, c = torch.tensor([[2.0, 0.0], [1.0, 1.0]]), torch.tensor([0.5, -1.0])
+            >>> lre = LinearRelationEmbedding.from_function(lambda s: A @ s + c, torch.randn(3, 2))
+            >>> bool(torch.allclose(lre.weight, A) and torch.allclose(lre.bias, c))
+            True
+        """
+        weights, biases = [], []
+        for s in states:
+            w = torch.autograd.functional.jacobian(fn, s)
+            weights.append(w)
+            biases.append(fn(s) - w @ s)
+        return cls(torch.stack(weights).mean(0), torch.stack(biases).mean(0), layer, float(beta), len(weights))
+
+    def with_beta(self, beta: float) -> "LinearRelationEmbedding":
+        """The same LRE with another β (no refit)."""
+        return replace(self, beta=float(beta))
+
+    def apply(self, s: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_out"]:
+        """``β W̄ s + b̄``."""
+        return self.beta * (s.to(self.weight.dtype) @ self.weight.T) + self.bias
+
+    def __repr__(self) -> str:
+        d_out, d_model = self.weight.shape
+        return (
+            f"LinearRelationEmbedding(d_out={d_out}, d_model={d_model}, layer={self.layer}, beta={self.beta}, "
+            f"n_examples={self.n_examples}, dtype={self.weight.dtype}, device={self.weight.device})"
+        )

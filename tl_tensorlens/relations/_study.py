@@ -1,0 +1,482 @@
+"""The relation-decoding study: seeded splits, faithfulness of the mean tensor vs LRE, results I/O.
+
+Protocol (TensorLens Sec. 4.2 / App. D, after Hernandez et al. 2024). Per relation: align the
+samples (most common token length, :func:`align_samples`); per split (seeded) draw ``n_train``
+training samples (plus ``n_shots`` context samples with ``few_shot="shared"``); the rest are test
+samples, kept only where the true object's first token is in the model's top-``top_k_filter`` at
+the last position. Each method predicts the last position's hidden state from the test prompt's
+input and decodes it through the unembedding:
+
+* ``faithfulness``: top-1 of the approximation == the model's own top-1 (the paper's metric);
+* ``accuracy``: top-1 of the approximation == the true object's first token;
+* ``recall@k``: the true object's first token is in the approximation's top-``recall_k``;
+* ``random``: 1 / (number of distinct object first tokens of the relation), the chance level of
+  guessing among the relation's objects.
+
+Rows are appended to a JSONL file as each split finishes; a rerun skips every (model, relation,
+split, method, config) already there, so an interrupted study resumes.
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_tensorlens.relations._data import Relation
+from tl_tensorlens.relations._operators import LinearRelationEmbedding, MeanTensor, read_model, unembed
+from tl_tensorlens.relations._prompts import (
+    AlignedSample,
+    FewShot,
+    PromptFormat,
+    PromptTokenizer,
+    RelationPrompt,
+    WordTokenizer,
+    align_samples,
+    build_prompt,
+    stack_tokens,
+)
+
+__all__ = [
+    "RelationSplit",
+    "RelationStudyConfig",
+    "decoding_metrics",
+    "load_results",
+    "lre_method_name",
+    "make_split",
+    "results_table",
+    "run_relation_study",
+    "summarize_results",
+]
+
+
+@dataclass(frozen=True)
+class RelationStudyConfig:
+    """Settings of a relation-decoding study (everything that changes the numbers).
+
+    Attributes:
+        n_train: Training prompts per split (the mean tensor and the LRE average over them).
+        n_splits: Number of seeded train/test splits.
+        seed: Base seed; split ``i`` uses ``seed * 1000 + i``.
+        few_shot: ``"leave_one_out"`` (paper/LRE) or ``"shared"`` (see ``_prompts``).
+        n_shots: Context size for ``few_shot="shared"`` (default ``n_train - 1``).
+        top_k_filter: Keep test samples whose object is in the model's top-k (paper: 20).
+        recall_k: ``k`` of the recall@k metric.
+        betas: LRE β grid (LRE's GPT-J / GPT-2-XL value is 2.25).
+        lre_layers: Layers whose ``hook_resid_pre`` holds the LRE's subject state (0: embedding).
+        mean_tensor_ablation: Also report the mean tensor without its bias ``c̄``.
+        max_test: Cap on test prompts per split (``None``: all).
+        template_index: Which prompt template of each relation to use.
+        prompt_format: Demo/query format.
+    """
+
+    n_train: int = 5
+    n_splits: int = 6
+    seed: int = 0
+    few_shot: FewShot = "leave_one_out"
+    n_shots: int | None = None
+    top_k_filter: int = 20
+    recall_k: int = 5
+    betas: tuple[float, ...] = (1.0, 2.25, 5.0)
+    lre_layers: tuple[int, ...] = (0,)
+    mean_tensor_ablation: bool = False
+    max_test: int | None = None
+    template_index: int = 0
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
+
+    @property
+    def shots(self) -> int:
+        """Number of demos before every prompt."""
+        if self.few_shot == "shared":
+            return self.n_train - 1 if self.n_shots is None else self.n_shots
+        return self.n_train - 1
+
+    def methods(self) -> list[str]:
+        """Method names, in table order."""
+        names = ["mean_tensor"] + (["mean_tensor_nobias"] if self.mean_tensor_ablation else [])
+        for layer in self.lre_layers:
+            names += [lre_method_name(layer, beta) for beta in self.betas]
+        return names
+
+    def fingerprint(self) -> str:
+        """Short hash of the settings, stored in every result row."""
+        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def lre_method_name(layer: int, beta: float) -> str:
+    """``lre_b2.25`` (embedding layer) or ``lre_l3_b2.25``."""
+    return f"lre_b{beta:g}" if layer == 0 else f"lre_l{layer}_b{beta:g}"
+
+
+@dataclass(frozen=True)
+class RelationSplit:
+    """One seeded split of aligned samples into prompts.
+
+    Attributes:
+        index: Split index.
+        train: Training prompts (each with its few-shot prefix).
+        test: Test prompts (before the top-k filter).
+        context: Shared demos (``few_shot="shared"``), else empty.
+    """
+
+    index: int
+    train: tuple[RelationPrompt, ...]
+    test: tuple[RelationPrompt, ...]
+    context: tuple[AlignedSample, ...] = ()
+
+
+def make_split(
+    aligned: Sequence[AlignedSample],
+    tokenizer: PromptTokenizer | WordTokenizer,
+    config: RelationStudyConfig,
+    index: int,
+) -> RelationSplit | None:
+    """Shuffle with seed ``config.seed * 1000 + index`` and build aligned train/test prompts.
+
+    Returns ``None`` when there are too few samples for ``n_train`` (+ context) and one test prompt.
+
+    Example:
+        >>> from tl_tensorlens.relations import Relation, RelationSample, WordTokenizer, align_samples
+        >>> r = Relation("r", ("{} is in",), (), tuple(RelationSample(f"s{i}", f"o{i}") for i in range(6)))
+        >>> tok = WordTokenizer.from_relations([r], d_vocab=50)
+        >>> split = make_split(align_samples(r, tok), tok, RelationStudyConfig(n_train=3), 0)
+        >>> len(split.train), len(split.test), {p.n_pos for p in split.train + split.test}
+        (3, 3, {14})
+    """
+    shots = config.shots if config.few_shot == "shared" else 0
+    if len(aligned) < config.n_train + shots + 1:
+        return None
+    order = list(range(len(aligned)))
+    random.Random(config.seed * 1000 + index).shuffle(order)
+    picked = [aligned[i] for i in order]
+    context, train, test = picked[:shots], picked[shots : shots + config.n_train], picked[shots + config.n_train :]
+    if config.few_shot == "shared":
+        train_prompts = [build_prompt(q, context, tokenizer) for q in train]
+        test_prompts = [build_prompt(q, context, tokenizer) for q in test]
+    else:
+        train_prompts = [build_prompt(q, [d for d in train if d is not q], tokenizer) for q in train]
+        test_prompts = [build_prompt(q, train[:-1], tokenizer) for q in test]
+    return RelationSplit(index, tuple(train_prompts), tuple(test_prompts), tuple(context))
+
+
+def decoding_metrics(
+    approx_logits: Float[Tensor, "batch d_vocab"],
+    model_logits: Float[Tensor, "batch d_vocab"],
+    object_tokens: Int[Tensor, " batch"],
+    *,
+    recall_k: int = 5,
+) -> dict[str, float]:
+    """Faithfulness, accuracy and recall@k of approximate logits (pure function).
+
+    Example:
+        >>> import torch
+        >>> approx = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+        >>> model = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+        >>> decoding_metrics(approx, model, torch.tensor([2, 0]), recall_k=2)
+        {'faithfulness': 0.5, 'accuracy': 0.5, 'recall@k': 1.0}
+    """
+    top1 = approx_logits.argmax(-1)
+    k = min(recall_k, approx_logits.shape[-1])
+    topk = approx_logits.topk(k, dim=-1).indices
+    return {
+        "faithfulness": (top1 == model_logits.argmax(-1)).double().mean().item(),
+        "accuracy": (top1 == object_tokens).double().mean().item(),
+        "recall@k": (topk == object_tokens[:, None]).any(-1).double().mean().item(),
+    }
+
+
+def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSONL results file (missing file: no rows; a torn last line is ignored)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # an interrupted write; the split is recomputed
+    return rows
+
+
+def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["model"], row["relation"], row["split"], row["method"], row["config"])
+
+
+def _append(path: Path | None, rows: Iterable[dict[str, Any]]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def _evaluate_split(
+    model: Any,
+    split: RelationSplit,
+    config: RelationStudyConfig,
+    methods: Sequence[str],
+    base: dict[str, Any],
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    test_tokens = stack_tokens(split.test)
+    subject_pos = split.test[0].subject_pos
+    test_read = read_model(model, test_tokens, subject_pos, layers=config.lre_layers, batch_size=batch_size)
+    objects = torch.tensor([p.object_token for p in split.test], device=test_read.logits.device)
+    k = min(config.top_k_filter, test_read.logits.shape[-1])
+    known = (test_read.logits.topk(k, dim=-1).indices == objects[:, None]).any(-1)
+    keep = torch.nonzero(known).flatten()
+    if config.max_test is not None:
+        keep = keep[: config.max_test]
+    info = {
+        **base,
+        "n_train": len(split.train),
+        "n_test_candidates": len(split.test),
+        "n_test": int(keep.numel()),
+        "model_accuracy": (test_read.logits[keep].argmax(-1) == objects[keep]).double().mean().item()
+        if keep.numel()
+        else math.nan,
+    }
+    if keep.numel() == 0:
+        return [
+            {**info, "method": m, "status": "skipped", "reason": "no test object in the model's top-k"} for m in methods
+        ]
+
+    model_logits, objects = test_read.logits[keep], objects[keep]
+    predictions: dict[str, Tensor] = {}
+    train_tokens = stack_tokens(split.train)
+    if any(m.startswith("mean_tensor") for m in methods):
+        mean = MeanTensor.fit(model, train_tokens)
+        x = test_read.x0[keep]
+        if "mean_tensor" in methods:
+            predictions["mean_tensor"] = unembed(model, mean.apply(x).to(model_logits.dtype))
+        if "mean_tensor_nobias" in methods:
+            predictions["mean_tensor_nobias"] = unembed(model, mean.apply(x, bias=False).to(model_logits.dtype))
+    for layer in config.lre_layers:
+        wanted = [b for b in config.betas if lre_method_name(layer, b) in methods]
+        if not wanted:
+            continue
+        lre = LinearRelationEmbedding.fit(model, train_tokens, split.train[0].subject_pos, layer=layer)
+        s = test_read.subject[layer][keep]
+        for beta in wanted:
+            predictions[lre_method_name(layer, beta)] = unembed(
+                model, lre.with_beta(beta).apply(s).to(model_logits.dtype)
+            )
+    rows = []
+    for method in methods:
+        metrics = decoding_metrics(predictions[method], model_logits, objects, recall_k=config.recall_k)
+        rows.append({**info, "method": method, "status": "ok", **metrics})
+    return rows
+
+
+@torch.no_grad()
+def run_relation_study(
+    model: Any,
+    relations: Sequence[Relation],
+    config: RelationStudyConfig = RelationStudyConfig(),
+    *,
+    tokenizer: PromptTokenizer | WordTokenizer | None = None,
+    model_name: str = "model",
+    results_path: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run (or resume) the mean-tensor vs LRE study over relations and seeded splits.
+
+    Args:
+        model: A TransformerLens model (HookedTransformer or TransformerBridge).
+        relations: Relations to study.
+        config: Study settings.
+        tokenizer: Tokenizer adapter; default ``PromptTokenizer.from_model(model)``.
+        model_name: Stored in every row (one results file can hold several models).
+        results_path: JSONL file; existing rows with the same (model, relation, split, method,
+            config) are reused and not recomputed.
+        batch_size: Prompts per batched forward.
+        progress: Show tqdm bars.
+
+    Returns:
+        One row per (relation, split, method): the settings, ``status`` (``ok``/``skipped``),
+        ``n_test``, ``random``, and the metrics of :func:`decoding_metrics`.
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> from tl_tensorlens.relations import Relation, RelationSample, WordTokenizer
+        >>> torch.manual_seed(0) and None
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=40, n_ctx=32,
+        ...                               act_fn="gelu_new", normalization_type="LN", dtype=torch.float64)
+        >>> r = Relation("r", ("{} is in",), (), tuple(RelationSample(f"s{i}", f"o{i % 3}") for i in range(8)))
+        >>> tok = WordTokenizer.from_relations([r], d_vocab=40)
+        >>> rows = run_relation_study(HookedTransformer(cfg), [r], RelationStudyConfig(n_train=3, n_splits=2, top_k_filter=40,
+        ...                           betas=(1.0,)), tokenizer=tok, progress=False)
+        >>> sorted({row["method"] for row in rows}), len(rows)
+        (['lre_b1', 'mean_tensor'], 4)
+    """
+    tok = PromptTokenizer.from_model(model) if tokenizer is None else tokenizer
+    path = None if results_path is None else Path(results_path)
+    existing = load_results(path) if path is not None else []
+    fingerprint = config.fingerprint()
+    done = {_row_key(r): r for r in existing}
+    methods = config.methods()
+    out: list[dict[str, Any]] = []
+    todo = [(r, i) for r in relations for i in range(config.n_splits)]
+    bar: Any = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="relation splits")
+    aligned_cache: dict[str, tuple[AlignedSample, ...]] = {}
+    for relation, index in todo:
+        keys = {m: (model_name, relation.key, index, m, fingerprint) for m in methods}
+        have = [done[k] for k in keys.values() if k in done]
+        missing = [m for m, k in keys.items() if k not in done]
+        if bar is not None:
+            bar.set_postfix_str(f"{relation.key} #{index}")
+        if missing:
+            if relation.key not in aligned_cache:
+                aligned_cache[relation.key] = align_samples(
+                    relation,
+                    tok,
+                    template_index=config.template_index,
+                    fmt=config.prompt_format,
+                    few_shot=config.few_shot,
+                )
+            aligned = aligned_cache[relation.key]
+            objects = {a.object_token for a in aligned}
+            base = {
+                "model": model_name,
+                "relation": relation.key,
+                "relation_type": relation.relation_type,
+                "split": index,
+                "seed": config.seed * 1000 + index,
+                "config": fingerprint,
+                "n_samples": len(relation.samples),
+                "n_aligned": len(aligned),
+                "random": 1.0 / len(objects) if objects else math.nan,
+            }
+            split = make_split(aligned, tok, config, index)
+            if split is None:
+                new = [
+                    {
+                        **base,
+                        "method": m,
+                        "status": "skipped",
+                        "n_test": 0,
+                        "reason": f"{len(aligned)} aligned samples < n_train + shots + 1",
+                    }
+                    for m in missing
+                ]
+            else:
+                new = _evaluate_split(model, split, config, missing, base, batch_size)
+            _append(path, new)
+            have += new
+        out += sorted(have, key=lambda r: methods.index(r["method"]))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def summarize_results(rows: Iterable[dict[str, Any]], metric: str = "faithfulness") -> dict[str, dict[str, Any]]:
+    """Mean and sample std (ddof=1) of ``metric`` over splits, per relation and method.
+
+    Returns:
+        ``{relation: {"random": float, "n_test": float, "n_splits": int, "methods": {method: (mean, std, n)}}}``;
+        skipped splits are left out.
+
+    Example:
+        >>> rows = [{"relation": "r", "method": "m", "status": "ok", "faithfulness": f, "random": 0.5,
+        ...          "n_test": 4, "split": i} for i, f in enumerate([0.5, 1.0])]
+        >>> summarize_results(rows)["r"]["methods"]["m"]
+        (0.75, 0.3535533905932738, 2)
+    """
+    grouped: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    extra: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    splits: dict[str, set[int]] = defaultdict(set)
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        rel = row["relation"]
+        grouped[rel][row["method"]].append(float(row[metric]))
+        if row["split"] not in splits[rel]:
+            splits[rel].add(row["split"])
+            extra[rel]["random"].append(float(row["random"]))
+            extra[rel]["n_test"].append(float(row["n_test"]))
+    summary: dict[str, dict[str, Any]] = {}
+    for rel, methods in grouped.items():
+        stats = {}
+        for method, values in methods.items():
+            n = len(values)
+            mean = sum(values) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+            stats[method] = (mean, std, n)
+        summary[rel] = {
+            "random": sum(extra[rel]["random"]) / len(extra[rel]["random"]),
+            "n_test": sum(extra[rel]["n_test"]) / len(extra[rel]["n_test"]),
+            "n_splits": len(splits[rel]),
+            "methods": stats,
+        }
+    return summary
+
+
+def results_table(
+    rows: Iterable[dict[str, Any]], metric: str = "faithfulness", methods: Sequence[str] | None = None
+) -> str:
+    """A Markdown table: one line per relation, ``mean ± std`` over splits per method, best in bold.
+
+    Example:
+        >>> rows = [{"relation": "r", "method": m, "status": "ok", "faithfulness": f, "random": 0.5,
+        ...          "n_test": 4, "split": 0} for m, f in [("mean_tensor", 1.0), ("lre_b1", 0.5)]]
+        >>> print(results_table(rows))
+        | relation | splits | n_test | random | mean_tensor | lre_b1 |
+        |---|---|---|---|---|---|
+        | r | 1 | 4.0 | 0.50 | **1.00 ± 0.00** | 0.50 ± 0.00 |
+        | **mean** | | | 0.50 | **1.00** | 0.50 |
+    """
+    rows = list(rows)
+    summary = summarize_results(rows, metric)
+    if methods is None:
+        seen: dict[str, None] = {}
+        for row in rows:
+            if row.get("status") == "ok":
+                seen.setdefault(row["method"], None)
+        methods = list(seen)
+    header = ["relation", "splits", "n_test", "random", *methods]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    totals: dict[str, list[float]] = defaultdict(list)
+    for rel in sorted(summary):
+        s = summary[rel]
+        stats = s["methods"]
+        best = max((stats[m][0] for m in methods if m in stats), default=math.nan)
+        cells = []
+        for m in methods:
+            if m not in stats:
+                cells.append("–")
+                continue
+            mean, std, _ = stats[m]
+            totals[m].append(mean)
+            text = f"{mean:.2f} ± {std:.2f}"
+            cells.append(f"**{text}**" if mean == best else text)
+        totals["random"].append(s["random"])
+        lines.append(f"| {rel} | {s['n_splits']} | {s['n_test']:.1f} | {s['random']:.2f} | " + " | ".join(cells) + " |")
+    if summary:
+        means = {m: sum(v) / len(v) for m, v in totals.items() if v}
+        best = max((means[m] for m in methods if m in means), default=math.nan)
+        cells = [
+            ("–" if m not in means else (f"**{means[m]:.2f}**" if means[m] == best else f"{means[m]:.2f}"))
+            for m in methods
+        ]
+        lines.append(f"| **mean** | | | {means.get('random', math.nan):.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
