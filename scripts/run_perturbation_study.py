@@ -79,7 +79,7 @@ def _run(
 def _polarity(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     from tl_tensorlens.subjects import load_minilm, load_polarity_data
 
-    model = load_minilm(backend="hooked").eval()
+    model = load_minilm(backend="auto").eval()
     try:
         from tl_tensorlens.subjects import load_polarity_head
 
@@ -117,7 +117,7 @@ def _induction(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[
     from tl_tensorlens.subjects import load_subject
     from tl_tensorlens.subjects.induction import BOS_ID, induction_batch
 
-    subject = load_subject("induction", backend="hooked")
+    subject = load_subject("induction", backend="auto")
     model = subject.model.eval()
     unk = 3  # "<unk>" in the project's word tokenizers (SPECIAL_TOKENS order)
     batch = induction_batch(args.n_decoder, 31, seed=12345)

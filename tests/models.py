@@ -127,7 +127,11 @@ def hooked_model_cfg(dtype: torch.dtype = torch.float64, **overrides: Any) -> An
 
 
 def encoder_model(dtype: torch.dtype = torch.float64) -> Any:
-    """A tiny random BERT HookedEncoder (TL 3.x only)."""
+    """A tiny random BERT HookedEncoder (TL 3.x only).
+
+    ``HookedEncoder(cfg)`` leaves some parameters as uninitialised memory (finite but possibly
+    huge), so every parameter is re-drawn here from a seeded generator.
+    """
     from transformer_lens import HookedEncoder, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
@@ -145,7 +149,17 @@ def encoder_model(dtype: torch.dtype = torch.float64) -> Any:
         seed=0,
     )
     model = HookedEncoder(cfg)
-    _init_finite(model, 1)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            z = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if p.ndim >= 2:
+                fan_in = p.shape[-2] if p.ndim == 2 else p.shape[-2]
+                p.copy_((z / fan_in**0.5).to(p.dtype))
+            elif name.endswith(".w"):
+                p.copy_((1 + 0.2 * z).to(p.dtype))
+            else:
+                p.copy_((0.1 * z).to(p.dtype))
     return model.eval()
 
 

@@ -23,7 +23,11 @@ OUTPUTS = ("resid_post", "ln_final", "logits")
 
 def _affine_error(model, state, output, t, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(state.x0.shape, generator=gen, dtype=torch.float64)
+    v = (
+        10
+        * max(1.0, float(state.x0.pow(2).mean().sqrt()))
+        * torch.randn(state.x0.shape, generator=gen, dtype=torch.float64)
+    )
     x0 = state.x0
     with torch.no_grad():
         ys = replay(model, state, torch.stack([x0, x0 + v, x0 + t * v]), output=output)

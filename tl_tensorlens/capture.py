@@ -17,6 +17,7 @@ plots can read attention patterns or residuals from the same capture without ano
 """
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -283,7 +284,9 @@ def _detect_observational_patterns(
         fwd.append((f"blocks.{layer}.attn.hook_z", record_z))
     if not fwd:
         return frozenset()
-    with torch.no_grad(), model.hooks(fwd_hooks=fwd):
+    with torch.no_grad(), warnings.catch_warnings(), model.hooks(fwd_hooks=fwd):
+        # The Bridge warns that the probe's pattern edit was dropped: that is what is detected.
+        warnings.filterwarnings("ignore", message=r"A hook on .*hook_pattern returned a modified tensor")
         model(tokens)
     layers = set()
     for layer, z in seen.items():

@@ -1,0 +1,49 @@
+"""The benchmark script runs end to end at a tiny size (seconds), so it cannot rot."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tensors.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_tensors", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_bench_tiny_runs_and_agrees(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "tiny.json"
+    assert bench.main(["--size", "tiny", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| tiny | lens.slice |" in printed
+    data = json.loads(out.read_text())
+    assert data["machine"]["matmul_float32_gflops"] > 0
+    (res,) = data["results"]
+    methods = [r["method"] for r in res["slice"]]
+    assert methods == ["lens.slice", "autograd.jacobian", "autograd.jacobian(vectorize)", "func.jacrev"]
+    for r in res["slice"]:
+        assert r["max_rel_diff_vs_lens"] <= 1e-4
+        assert r["seconds"] > 0 and r["gflops"] > 0
+    norm = res["norm_collapse"]
+    assert norm[0]["spearman"] == 1.0
+    assert all(-1.0 <= r["spearman"] <= 1.0 for r in norm)
+
+
+def test_flop_model_and_spearman():
+    bench = _load()
+    case = bench.Case("c", n_layers=1, d_model=4, n_heads=1, d_mlp=16, n_pos=2)
+    # 2·n·4·D² + 2·n·2·D·d_mlp + 4·n²·D = 256 + 512 + 64
+    assert bench.forward_flops(case, 2) == 832.0
+    import torch
+
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert bench.spearman(a, a) == pytest.approx(1.0)
+    assert bench.spearman(a, -a) == pytest.approx(-1.0)

@@ -1,0 +1,227 @@
+"""Tensor logit lens, patching on the linearized model and frozen-component patching are exact."""
+
+import warnings
+
+import pytest
+import torch
+
+from tests.models import HAS_HOOKED, TOKENS, bridge_model, encoder_model, hooked_model
+from tl_tensorlens import ReplayError, TensorLens, TensorLensError, capture, linearized
+from tl_tensorlens.workflows import (
+    COMPONENTS,
+    LogitDiff,
+    component_of,
+    corrupted_input,
+    frozen_class_counts,
+    frozen_component_patching,
+    linearized_patching,
+    mix_frozen,
+    predict_patching,
+    tensor_logit_lens,
+)
+
+needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer exists only on TL 3.x")
+CORRUPTED = TOKENS.clone()
+CORRUPTED[0, 1:5] = torch.tensor([9, 10, 11, 12])
+
+_MODELS: dict[str, object] = {}
+
+
+def _model(name: str):
+    if name not in _MODELS:
+        backend, family = name.split(":")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _MODELS[name] = hooked_model(family) if backend == "hooked" else bridge_model(family)
+    return _MODELS[name]
+
+
+ARCHS = [
+    pytest.param("hooked:gpt2", marks=needs_hooked),
+    pytest.param("hooked:llama_gqa", marks=needs_hooked),
+    "bridge:gpt2",
+    "bridge:neox",
+]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_tensor_logit_lens_exact(name):
+    model = _model(name)
+    state = capture(model, TOKENS)
+    ll = tensor_logit_lens(model, state)
+    L = state.n_layers
+    assert ll.layers == tuple(range(L + 1))
+    # rows + bias = TransformerLens' own logit lens (accumulated_resid with apply_ln, then unembed)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS)
+        tl = model.unembed(cache.accumulated_resid(apply_ln=True)[:, 0])
+    ref = tl.gather(-1, ll.target[..., None])[..., 0]
+    assert float((ll.logits - ref).abs().max()) <= 1e-10
+    assert ll.max_error <= 1e-10
+    assert torch.equal(ll.tl_top, tl.argmax(-1))
+    # last layer = the logit collapse of the full lens through ln_final
+    full = TensorLens.from_state(model, state, output="ln_final")
+    target = ll.target[-1]
+    assert float((ll.maps[-1] - full.collapse("logit", token=target)).abs().max()) <= 1e-10
+    assert float((ll.bias[-1] - full.collapse_bias("logit", token=target)).abs().max()) <= 1e-10
+    # no block applied: the identity, so only the diagonal is non-zero
+    assert torch.equal(ll.maps[0], torch.diag_embed(torch.diagonal(ll.maps[0])))
+
+
+@needs_hooked
+def test_tensor_logit_lens_options_and_errors():
+    model = _model("hooked:gpt2")
+    state = capture(model, TOKENS)
+    ll = tensor_logit_lens(model, state, token=7, layers=[1, 2], positions=[-1, 3])
+    assert ll.maps.shape == (2, 2, TOKENS.shape[1])
+    assert ll.positions == (TOKENS.shape[1] - 1, 3)
+    assert bool((ll.target == 7).all())
+    assert ll.max_error <= 1e-10
+    assert ll.row(-1).shape == (2, TOKENS.shape[1])
+    assert "TensorLogitLens" in repr(ll)
+    with pytest.raises(ReplayError, match="not computed"):
+        ll.row(0)
+    with pytest.raises(ReplayError, match="out of range"):
+        tensor_logit_lens(model, state, layers=[5])
+    with pytest.raises(ReplayError, match="out of range"):
+        tensor_logit_lens(model, state, positions=[99])
+    with pytest.raises(ReplayError, match="decoder"):
+        tensor_logit_lens(encoder_model(), TOKENS)
+
+
+def _manual_resid_patch(model, state, layer, pos):
+    """Float64 reference: patch one resid_pre entry by hand inside the linearized context."""
+    clean = state.activations[f"blocks.{layer}.hook_resid_pre"]
+
+    def hook(act, hook):
+        act = act.clone()
+        act[:, pos] = clean[:, pos]
+        return act
+
+    with torch.no_grad(), linearized(model, state):
+        return model.run_with_hooks(CORRUPTED, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", hook)])
+
+
+def _manual_head_patch(model, state, layer, head):
+    clean = state.activations[f"blocks.{layer}.attn.hook_z"]
+
+    def hook(z, hook):
+        z = z.clone()
+        z[:, :, head] = clean[:, :, head]
+        return z
+
+    with torch.no_grad(), linearized(model, state):
+        return model.run_with_hooks(CORRUPTED, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)])
+
+
+@pytest.mark.parametrize("name", [pytest.param("hooked:gpt2", marks=needs_hooked), "bridge:gpt2"])
+def test_transformer_lens_patching_matches_tensor_prediction(name):
+    model = _model(name)
+    state = capture(model, TOKENS)
+    metric = LogitDiff(position=-1, good=3, bad=4)
+    for kind in ("resid_pre", "head_all_pos"):
+        tl = linearized_patching(model, state, CORRUPTED, metric, kind=kind)
+        pred = predict_patching(model, state, CORRUPTED, metric, kind=kind)
+        assert tl.shape == pred.values.shape
+        # transformer_lens.patching stores its results in float32: agreement to float32 rounding
+        scale = float(pred.values.abs().max()) + 1.0
+        assert float((tl.double() - pred.values).abs().max()) <= 8 * torch.finfo(torch.float32).eps * scale
+    # float64 references, patched by hand in the same linearized model: exact
+    pred = predict_patching(model, state, CORRUPTED, metric, kind="resid_pre")
+    for layer, pos in ((0, 2), (1, 4), (1, 9)):
+        assert (
+            abs(float(metric(_manual_resid_patch(model, state, layer, pos))) - float(pred.values[layer, pos])) <= 1e-10
+        )
+    heads = predict_patching(model, state, CORRUPTED, metric, kind="head_all_pos")
+    for layer, head in ((0, 1), (1, 3)):
+        assert (
+            abs(float(metric(_manual_head_patch(model, state, layer, head))) - float(heads.values[layer, head]))
+            <= 1e-10
+        )
+    # the unpatched corrupted run of the linearized model, and the clean logits
+    with torch.no_grad(), linearized(model, state):
+        corr = model(CORRUPTED)
+    assert abs(float(metric(corr)) - pred.corrupted) <= 1e-10
+    assert abs(float(metric(state.logits)) - pred.clean) <= 1e-10
+
+
+@needs_hooked
+def test_patching_bad_inputs():
+    model = _model("hooked:gpt2")
+    state = capture(model, TOKENS)
+    with pytest.raises(ReplayError, match="same length"):
+        linearized_patching(model, state, CORRUPTED[:, :5], LogitDiff(-1, 1))
+    # a bad kind is refused by the library (or, under pytest, already by the runtime type checker)
+    with pytest.raises((ReplayError, TypeError)):
+        linearized_patching(model, state, CORRUPTED, LogitDiff(-1, 1), kind="nope")  # type: ignore[arg-type]
+    with pytest.raises((ReplayError, TypeError)):
+        predict_patching(model, state, CORRUPTED, LogitDiff(-1, 1), kind="nope")  # type: ignore[arg-type]
+    assert corrupted_input(model, state, CORRUPTED).shape == state.x0.shape
+
+
+@pytest.mark.parametrize("name", [pytest.param("hooked:llama_gqa", marks=needs_hooked), "bridge:gpt2"])
+def test_mix_frozen_reproduces_clean_and_corrupted_tensors(name):
+    model = _model(name)
+    clean, corr = capture(model, TOKENS), capture(model, CORRUPTED)
+    counts = frozen_class_counts(clean)
+    assert counts["attention"] == clean.n_layers and counts["norm"] > 0 and counts["mlp"] == clean.n_layers
+
+    def T(state):
+        return TensorLens.from_state(model, state, output="ln_final").slice(-1)
+
+    t_clean, t_corr = T(clean), T(corr)
+    assert float((t_clean - t_corr).abs().max()) > 1e-3  # the prompts really differ
+    assert torch.equal(T(mix_frozen(clean, corr, ())), t_clean)
+    # every frozen value belongs to a class: taking all classes gives the corrupted tensor exactly
+    assert torch.equal(T(mix_frozen(clean, corr, COMPONENTS)), t_corr)
+    assert torch.equal(T(mix_frozen(corr, clean, COMPONENTS)), t_clean)
+    # one class only changes that class's values
+    mixed = mix_frozen(clean, corr, ("attention",), layers=[1])
+    for k, v in mixed.frozen.items():
+        expect = corr.frozen[k] if k == "blocks.1.attn.hook_pattern" else clean.frozen[k]
+        assert v is expect, k
+
+
+@needs_hooked
+def test_frozen_component_patching_rows():
+    model = _model("hooked:gpt2")
+    metric = LogitDiff(position=-1, good=3)
+    res = frozen_component_patching(model, TOKENS, CORRUPTED, metric)
+    clean, corr = capture(model, TOKENS), capture(model, CORRUPTED)
+    assert res.labels[0] == "clean" and res.labels[-1] == "corrupted prompt"
+    assert abs(float(res.metric[0]) - float(metric(clean.logits))) <= 1e-10
+    assert abs(float(res.metric[-1]) - float(metric(corr.logits))) <= 1e-10
+    # the logit collapse rows sum (with the bias) to the metric
+    lens = TensorLens.from_state(model, clean, output="ln_final")
+    assert abs(float(res.maps[0].sum() + lens.collapse_bias("logit", token=3)[-1]) - float(res.metric[0])) <= 1e-10
+    assert "| clean |" in res.table()
+    with pytest.raises(TensorLensError, match="unknown component"):
+        mix_frozen(clean, corr, ("routing",))
+    with pytest.raises(TensorLensError, match="captures differ"):
+        mix_frozen(clean, capture(model, TOKENS[:, :5]), ("attention",))
+    with pytest.raises(TensorLensError, match="no known component"):
+        component_of("blocks.0.attn.hook_q")
+
+
+def test_frozen_component_patching_on_induction():
+    """What it reveals on the trained induction model: the induction prediction is carried by
+    layer-1 attention routing (and partly by norm scales), not by MLP gating."""
+    from tl_tensorlens.subjects import induction_batch, load_subject
+
+    model = load_subject("induction", dtype=torch.float64).model
+    full = induction_batch(1, 17, seed=3).tokens
+    clean = full[:, :-1]
+    corrupted = clean.clone()
+    corrupted[0, 1:9] = induction_batch(1, 17, seed=4).tokens[0, 1:9]
+    metric = LogitDiff(position=-1, good=int(full[0, -1]))
+    res = frozen_component_patching(model, clean, corrupted, metric)
+    share = {
+        lab: (float(v) - float(res.metric[0])) / (float(res.metric[-1]) - float(res.metric[0]))
+        for lab, v in zip(res.labels, res.metric, strict=False)
+    }
+    assert float(res.metric[0]) > float(res.metric[-1]) + 5  # induction works on the clean prompt only
+    assert share["corrupted attention"] > 0.3
+    assert abs(share["corrupted mlp"]) < 0.1
+    layer1 = frozen_component_patching(model, clean, corrupted, metric, variants=[("attention",)], layers=[1])
+    layer0 = frozen_component_patching(model, clean, corrupted, metric, variants=[("attention",)], layers=[0])
+    assert float(layer1.metric[0]) < float(layer0.metric[0])

