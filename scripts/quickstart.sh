@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's main job on a fresh machine: build .venv (TL 3.9) if missing, then explain a prompt
-# with the embedded default model into ./out/quickstart.
+# The README's main job on a fresh machine: build .venv (TL 3.9) if missing, then run
+# `tl-tensorlens explain` on the embedded default model into ./out/quickstart (no network needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/tl-tensorlens ]; then
@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/tl-tensorlens ]; then
   .venv/bin/pip install -q -c constraints/tl39.txt torch
   .venv/bin/pip install -q -c constraints/tl39.txt -e ".[dev]"
 fi
-exec .venv/bin/python demos/quickstart.py "$@"
+exec .venv/bin/tl-tensorlens explain --out out/quickstart "$@"

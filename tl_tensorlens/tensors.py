@@ -140,6 +140,36 @@ class HeadTensor:
         )
 
 
+class _Pullback:
+    """``g ↦ Tᵀ g`` for batches of cotangents, from ONE forward of the replay at batch 1.
+
+    The replay is affine, so its backward does not depend on the primal: the forward graph is kept
+    (``retain_graph``) and every chunk of cotangents is pulled back through it with a vmapped
+    backward (``is_grads_batched``). Falls back to a loop of single backwards where an op has no
+    batching rule.
+    """
+
+    def __init__(self, model: Any, state: FrozenState, spec: ReplaySpec):
+        self.x = state.resid_pre(spec.start).detach()[None].clone().requires_grad_(True)
+        with torch.enable_grad():
+            self.y = _run(model, state, self.x, spec)
+        self.batched = True
+
+    def __call__(self, g: Tensor) -> Tensor:
+        g = g.to(self.y.dtype)
+        if self.batched:
+            try:
+                (gx,) = torch.autograd.grad(
+                    self.y, self.x, grad_outputs=g[:, None], retain_graph=True, is_grads_batched=True
+                )
+                return gx[:, 0].detach()
+            except RuntimeError:
+                self.batched = False
+        return torch.stack(
+            [torch.autograd.grad(self.y, self.x, grad_outputs=gi[None], retain_graph=True)[0][0] for gi in g]
+        ).detach()
+
+
 class TensorLens:
     """The model at one prompt as an exact affine operator ``F(X) = T vec(X) + c``.
 
@@ -364,14 +394,9 @@ class TensorLens:
             self._causal_cache = self.state.is_causal
         return self._causal_cache
 
-    def _vjp(self, state: FrozenState, g: Tensor) -> Tensor:
-        """``Tᵀ g`` for a batch of cotangents ``g`` [B, n, d_out] on (a prefix of) the capture."""
-        x = state.resid_pre(self.spec.start).detach()
-        x = x.expand(g.shape[0], *x.shape).clone().requires_grad_(True)
-        with torch.enable_grad():
-            y = _run(self.model, state, x, self.spec)
-            (gx,) = torch.autograd.grad(y, x, grad_outputs=g.to(y.dtype))
-        return gx
+    def _pullback(self, state: FrozenState) -> "_Pullback":
+        """``g ↦ Tᵀ g`` on (a prefix of) the capture: one forward at batch 1, then batched backwards."""
+        return _Pullback(self.model, state, self.spec)
 
     def _jvp(self, x: Tensor) -> Tensor:
         """``T x`` for a batch ``x`` [B, pos, d_in] (forward mode: no ``F(x) - F(0)`` cancellation)."""
@@ -400,8 +425,8 @@ class TensorLens:
         if gb.ndim != 3 or gb.shape[1:] != self.bias.shape:
             raise ReplayError(f"apply_adjoint: g must be [batch, {self.n_pos}, {self.d_out}], got {tuple(g.shape)}")
         chunk = self._chunk(self.n_pos, gb.shape[0])
-        outs = [self._vjp(self.state, gb[s : s + chunk].to(self.input)).detach() for s in range(0, gb.shape[0], chunk)]
-        x = torch.cat(outs)
+        pull = self._pullback(self.state)
+        x = torch.cat([pull(gb[s : s + chunk].to(self.input)) for s in range(0, gb.shape[0], chunk)])
         return x[0] if squeeze else x
 
     def replay(self, x: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos d_out"]:
@@ -422,11 +447,12 @@ class TensorLens:
         k = cot.shape[0]
         out = torch.zeros(k, self.n_pos, self.d_in, dtype=self.input.dtype, device=self.input.device)
         chunk = self._chunk(n, k, extra_per_item=2 * n * (self.d_out + self.d_in) * self.input.element_size())
+        pull = self._pullback(state)
         for s in range(0, k, chunk):
             c = cot[s : s + chunk]
             g = torch.zeros(c.shape[0], n, self.d_out, dtype=self.input.dtype, device=self.input.device)
             g[:, i] = c
-            out[s : s + c.shape[0], :n] = self._vjp(state, g).detach()
+            out[s : s + c.shape[0], :n] = pull(g)
         return out
 
     def _positions(self, positions: Sequence[int] | int | None) -> list[int]:
@@ -576,8 +602,9 @@ class TensorLens:
             g[r, i] = u[i]
         bar = _progress(len(rows), f"{kind} collapse", self.progress)
         chunk = self._chunk(n, len(rows))
+        pull = self._pullback(self.state)
         for s in range(0, len(rows), chunk):
-            adj = self._vjp(self.state, g[s : s + chunk]).detach()  # [k, n, d_in]
+            adj = pull(g[s : s + chunk])  # [k, n, d_in]
             M[s : s + adj.shape[0]] = (adj * h_in).sum(-1)
             bar.update(adj.shape[0])
         bar.close()
