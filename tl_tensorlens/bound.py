@@ -94,7 +94,7 @@ from torch import Tensor
 
 from tl_tensorlens.capture import FrozenState, capture
 from tl_tensorlens.errors import ReplayError, UnsupportedModelError
-from tl_tensorlens.replay import OUTPUT_POINTS, OutputPoint, ReplaySpec, _input_hook, _output_hooks, _StopReplay
+from tl_tensorlens.replay import OUTPUT_POINTS, OutputPoint, live
 from tl_tensorlens.tensors import TensorLens
 
 #: ``sup_x |act'(x)|`` for each activation, measured on a 2.4M-point float64 grid over [-30, 30]
@@ -504,19 +504,7 @@ def _norm_dev(d: Tensor, s: Tensor, w_inf: float, dim: int, eps: float, frozen: 
 # ---------------------------------------------------------------------------------------------- live model
 def _live(model: Any, state: FrozenState, x: Tensor, output: OutputPoint) -> Tensor:
     """The real (unfrozen) model on a batch of block-0 inputs ``x`` [batch, pos, d_model]."""
-    tokens = state.tokens.to(x.device).expand(x.shape[0], -1)
-    feed = _input_hook(x, 0)
-    if output == "logits":
-        # The model's own return value: the output-logit soft-cap acts after the last hook.
-        with model.hooks(fwd_hooks=[feed]):
-            return model(tokens)
-    spec = ReplaySpec(output=output).resolved(state)
-    try:
-        with model.hooks(fwd_hooks=[feed] + _output_hooks(model, state, spec)):
-            model(tokens)
-    except _StopReplay as stop:
-        return stop.value
-    raise ReplayError(f"the output hook for output={output!r} never fired")
+    return live(model, state, x, output=output)
 
 
 # ---------------------------------------------------------------------------------------------- public

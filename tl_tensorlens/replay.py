@@ -320,7 +320,7 @@ def replay(
         >>> model = HookedTransformer(cfg)
         >>> state = capture(model, torch.tensor([1, 2, 3]))
         >>> y = replay(model, state, state.x0, output="logits")
-        >>> bool(torch.allclose(y[0], state.logits[0]))
+        >>> bool(torch.allclose(y, state.logits[0]))
         True
     """
     spec = ReplaySpec(output, *(layers or (0, None)), heads=heads).resolved(state)
@@ -332,6 +332,45 @@ def replay(
         primal = torch.zeros_like(x)
         y = torch.func.jvp(lambda inp: _run(model, state, inp, spec), (primal,), (x,))[1]
     return y[0] if squeeze else y
+
+
+def live(
+    model: Any,
+    state: FrozenState,
+    x: Float[Tensor, "batch pos d_model"],
+    *,
+    output: OutputPoint = "resid_post",
+    layers: tuple[int, int] | None = None,
+) -> Float[Tensor, "batch pos d_out"]:
+    """The real, unfrozen model on inputs ``x`` fed at ``blocks.{start}.hook_resid_pre``.
+
+    The counterpart of :func:`replay` for measuring how far the frozen operator is from the model at
+    other inputs (``F(x0 + ε)``); nothing is frozen, so it is nonlinear. ``output="logits"`` is the
+    model's own return value (after any output-logit soft-cap).
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
+        ...     d_vocab=11, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
+        >>> model = HookedTransformer(cfg)
+        >>> state = capture(model, torch.tensor([1, 2, 3]))
+        >>> bool(torch.allclose(live(model, state, state.x0[None], output="logits"), state.logits))
+        True
+    """
+    spec = ReplaySpec(output, *(layers or (0, None))).resolved(state)
+    x = _check_input(state, x)
+    tokens = state.tokens.to(x.device).expand(x.shape[0], -1)
+    feed = _input_hook(x, spec.start)
+    if output == "logits":
+        with model.hooks(fwd_hooks=[feed]):
+            return model(tokens)
+    try:
+        with model.hooks(fwd_hooks=[feed] + _output_hooks(model, state, spec)):
+            model(tokens)
+    except _StopReplay as stop:
+        return stop.value
+    raise ReplayError(f"the output hook for output={output!r} never fired")
 
 
 @contextlib.contextmanager
