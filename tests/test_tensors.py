@@ -256,3 +256,25 @@ def test_bad_requests_name_the_culprit():
         lens.apply(torch.zeros(3, 4, dtype=torch.float64))
     assert "TensorLens(shape=[pos_out=10, d_out=32, pos_in=10, d_in=32]" in repr(lens)
     assert capture(model, TOKENS).n_pos == 10
+
+
+@needs_hooked
+@pytest.mark.parametrize("name", ["gpt2", "neox"])
+def test_same_weights_give_the_same_tensor_on_both_backends(name, tmp_path):
+    """One replay, two backends: an HF checkpoint loaded as HookedTransformer and as
+    TransformerBridge yields the same T and c (float64)."""
+    from tests.models import hf_model
+    from tl_tensorlens.subjects import load_local
+
+    hf = hf_model(name)
+    hf.config.n_ctx = 24  # TL 3.9's converter reads n_ctx, which transformers 5 no longer writes
+    hf.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hooked = load_local(tmp_path, backend="hooked", dtype=torch.float64)
+        bridge = load_local(tmp_path, backend="bridge", dtype=torch.float64)
+    lenses = [TensorLens.from_model(m, TOKENS, output="ln_final") for m in (hooked, bridge)]
+    assert lenses[0].state.backend == "hooked" and lenses[1].state.backend == "bridge"
+    assert _rel(lenses[1].input, lenses[0].input) <= 1e-12
+    assert _rel(lenses[1].full(), lenses[0].full()) <= 1e-10
+    assert _rel(lenses[1].bias, lenses[0].bias) <= 1e-10

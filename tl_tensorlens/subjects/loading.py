@@ -202,14 +202,18 @@ def _hooked_decoder(path: Path, tokenizer: Any, dtype: torch.dtype, device: str 
         warnings.simplefilter("ignore", DeprecationWarning)  # HookedTransformer is deprecated in 3.9
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     # No weight processing: keeps the TL model numerically the HF model (see module docstring).
-    model.load_and_process_state_dict(
-        state_dict,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
+    # load_and_process_state_dict would round float64 weights through float32 even with every
+    # processing step off, so the converted state dict is loaded as is.
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # Buffers are rebuilt by the module; an absent unembed bias (GPT-NeoX) stays at its zero init,
+    # as TL's own loader leaves it.
+    missing = [k for k in missing if not k.endswith((".IGNORE", ".mask", "rotary_sin", "rotary_cos", "unembed.b_U"))]
+    if missing or unexpected:
+        raise UnsupportedModelError(
+            {
+                "state_dict": f"converted weights do not fit the HookedTransformer: missing {missing}, unexpected {unexpected}"
+            }
+        )
     return model.to(device).eval()
 
 
