@@ -548,18 +548,23 @@ def format_table(summaries: Sequence[MethodSummary]) -> str:
 
 def plot_curves(summaries: Sequence[MethodSummary], *, metric: Literal["accuracy", "prob"] = "accuracy") -> Any:
     """Mean perturbation curves, one panel per direction; returns a matplotlib Figure (not shown)."""
+    import matplotlib
     from matplotlib.figure import Figure
 
     dirs = [d for d in ("positive", "negative") if any(s.direction == d for s in summaries)]
     fig = Figure(figsize=(5.5 * len(dirs), 4.2), layout="constrained")
     axes = fig.subplots(1, len(dirs), squeeze=False)[0]
+    # One fixed, distinct colour per method (the default 10-colour cycle repeats past 10 methods).
+    methods = list(dict.fromkeys(s.method for s in summaries))
+    palette = matplotlib.colormaps["tab20"]
+    colour = {m: palette(i % 20) for i, m in enumerate(methods)}
     for ax, d in zip(axes, dirs, strict=True):
         for s in summaries:
             if s.direction != d:
                 continue
             y = s.accuracy_curve if metric == "accuracy" else s.prob_curve
             style = "-" if s.method.startswith("tensor") else (":" if s.method == "random" else "--")
-            ax.plot([100 * f for f in s.fractions], y, style, marker="o", ms=3, label=s.method)
+            ax.plot([100 * f for f in s.fractions], y, style, color=colour[s.method], marker="o", ms=3, label=s.method)
         ax.set_title(f"{d} perturbation")
         ax.set_xlabel("% of tokens masked")
         ax.set_ylabel("prediction unchanged" if metric == "accuracy" else "p(original prediction)")
