@@ -416,18 +416,24 @@ class ReplayCheck:
         reproduction_error: ``‖F(x0) − model(x0)‖ / ‖model(x0)‖``.
         affine_error: worst ``‖f(x0+tv) − f(x0) − t(f(x0+v) − f(x0))‖ / ‖t(f(x0+v) − f(x0))‖`` over
             ``t in {1e-3, 1, 1e3}`` (``{0.25, 1, 4}`` for 16-bit dtypes).
-        tolerance: the threshold both were held to.
+        tolerance: the threshold of the affinity check (and of the reproduction check unless
+            ``reproduction_tolerance`` says otherwise).
+        reproduction_tolerance: the threshold of the reproduction check: ``tolerance``, except for
+            float64 TransformerBridge models with RMS norms, whose Hugging Face norm computes in
+            float32 (1e-5; see docs/method.md §4).
     """
 
     output: str
     reproduction_error: float
     affine_error: float
     tolerance: float
+    reproduction_tolerance: float | None = None
 
     @property
     def ok(self) -> bool:
-        """Both errors within tolerance."""
-        return self.reproduction_error <= self.tolerance and self.affine_error <= self.tolerance
+        """Both errors within their tolerances."""
+        rep_tol = self.tolerance if self.reproduction_tolerance is None else self.reproduction_tolerance
+        return self.reproduction_error <= rep_tol and self.affine_error <= self.tolerance
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
@@ -485,6 +491,12 @@ def verify_replay(
     state = state_or_tokens if isinstance(state_or_tokens, FrozenState) else capture(model, state_or_tokens)
     x0 = state.x0
     tol = default_tolerance(x0.dtype) if tolerance is None else tolerance
+    rep_tol = tol
+    if tolerance is None and state.backend == "bridge" and x0.dtype == torch.float64:
+        # HF RMSNorm upcasts to float32 inside a float64 model: the model itself is float32-accurate
+        # there, while the replay (bridge's own float64 norm path) stays affine to float64 precision.
+        if getattr(model.cfg, "normalization_type", None) in ("RMS", "RMSPre"):
+            rep_tol = 1e-5
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # A direction well above x0's rounding: at t = 1e-3 the check resolves t·T v against eps·|F(x0)|.
     scale = 10.0 * max(1.0, float(x0.double().pow(2).mean().sqrt()))
@@ -503,13 +515,13 @@ def verify_replay(
         for t, ft in zip(ts, ys[2:], strict=True):
             lin = t * (f1 - f0)
             aff = max(aff, float((ft - f0 - lin).norm() / lin.norm().clamp_min(torch.finfo(ref.dtype).tiny)))
-        checks.append(ReplayCheck(output, rep, aff, tol))
+        checks.append(ReplayCheck(output, rep, aff, tol, rep_tol))
     failed = [c for c in checks if not c.ok]
     if failed and raise_on_failure:
         raise VerificationError(
             "; ".join(
                 f"output={c.output}: reproduction error {c.reproduction_error:.2e}, affine error "
-                f"{c.affine_error:.2e} (tolerance {c.tolerance:.0e})"
+                f"{c.affine_error:.2e} (tolerances {c.reproduction_tolerance or c.tolerance:.0e}, {c.tolerance:.0e})"
                 for c in failed
             )
         )
