@@ -5,7 +5,7 @@ prediction is decided by induction. For each relevance method the harness masks 
 input tokens (positive perturbation: the prediction should break fast) or the least relevant
 (negative: it should survive) and records how often the prediction survives; AUC and AOPC summarise
 the curves. The full study (MiniLM polarity + induction, all 8 baselines, bootstrap CIs) is
-``tl-tensorlens perturb`` / ``scripts/run_perturbation_study.py``.
+``tl-tensorlens perturb`` / ``python -m tl_tensorlens.studies.perturbation``.
 
     python demos/perturbation_study.py --n 12 --out out/perturbation
 """

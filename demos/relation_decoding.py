@@ -6,7 +6,7 @@ TensorLens **mean tensor** (Eq. 26: the tensor with biases averaged over n train
 applied to a held-out prompt's input and decoded through the unembedding; the LRE baseline
 (Hernandez et al. 2024) averages per-example Jacobians of the subject state. Faithfulness = the
 decoded top-1 equals the model's own top-1. The full study is ``tl-tensorlens relations`` /
-``scripts/run_relations_study.py``.
+``python -m tl_tensorlens.studies.relations``.
 
     python demos/relation_decoding.py --relations 2 --out out/relations
 """

@@ -126,29 +126,23 @@ def hooked_model_cfg(dtype: torch.dtype = torch.float64, **overrides: Any) -> An
     return model.eval()
 
 
-def encoder_model(dtype: torch.dtype = torch.float64) -> Any:
-    """A tiny random BERT HookedEncoder (TL 3.x only).
+def encoder_model(dtype: torch.dtype = torch.float64, **overrides: Any) -> Any:
+    """A tiny random BERT HookedEncoder, with optional config overrides (TL 3.x only).
 
     ``HookedEncoder(cfg)`` leaves some parameters as uninitialised memory (finite but possibly
     huge), so every parameter is re-drawn here from a seeded generator.
     """
     from transformer_lens import HookedEncoder, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        d_vocab=53,
-        n_ctx=24,
-        act_fn="gelu",
-        attention_dir="bidirectional",
-        original_architecture="BertForMaskedLM",
-        dtype=dtype,
-        seed=0,
-    )
-    model = HookedEncoder(cfg)
+    kw = {
+        **_BASE,
+        "act_fn": "gelu",
+        "attention_dir": "bidirectional",
+        "original_architecture": "BertForMaskedLM",
+        "dtype": dtype,
+        **overrides,
+    }
+    model = HookedEncoder(HookedTransformerConfig(**kw))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -170,75 +164,21 @@ def hf_model(name: str, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     """A tiny random Hugging Face model of the named family, built from a config (no hub)."""
     import transformers as tr
 
+    size = dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=24
+    )
+    gemma = dict(size, num_key_value_heads=2, head_dim=8, sliding_window=4)
+    families = {
+        "gpt2": (tr.GPT2LMHeadModel, tr.GPT2Config, dict(n_layer=2, n_embd=32, n_head=4, n_positions=24)),
+        "neox": (tr.GPTNeoXForCausalLM, tr.GPTNeoXConfig, dict(size, rotary_pct=0.5)),
+        "llama_gqa": (tr.LlamaForCausalLM, tr.LlamaConfig, dict(size, num_key_value_heads=2)),
+        "gemma2": (tr.Gemma2ForCausalLM, tr.Gemma2Config, gemma),
+        "gemma3": (tr.Gemma3ForCausalLM, tr.Gemma3TextConfig, gemma),
+        "bert": (tr.BertForMaskedLM, tr.BertConfig, size),
+    }
+    model_cls, config_cls, kw = families[name]
     torch.manual_seed(0)
-    common = dict(vocab_size=53, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    if name == "gpt2":
-        model = tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=24, **common))
-    elif name == "neox":
-        model = tr.GPTNeoXForCausalLM(
-            tr.GPTNeoXConfig(
-                num_hidden_layers=2,
-                hidden_size=32,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=24,
-                rotary_pct=0.5,
-                **common,
-            )
-        )
-    elif name == "llama_gqa":
-        model = tr.LlamaForCausalLM(
-            tr.LlamaConfig(
-                num_hidden_layers=2,
-                hidden_size=32,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                intermediate_size=64,
-                max_position_embeddings=24,
-                **common,
-            )
-        )
-    elif name == "gemma2":
-        model = tr.Gemma2ForCausalLM(
-            tr.Gemma2Config(
-                num_hidden_layers=2,
-                hidden_size=32,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=8,
-                intermediate_size=64,
-                max_position_embeddings=24,
-                sliding_window=4,
-                **common,
-            )
-        )
-    elif name == "gemma3":
-        model = tr.Gemma3ForCausalLM(
-            tr.Gemma3TextConfig(
-                num_hidden_layers=2,
-                hidden_size=32,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=8,
-                intermediate_size=64,
-                max_position_embeddings=24,
-                sliding_window=4,
-                **common,
-            )
-        )
-    elif name == "bert":
-        model = tr.BertForMaskedLM(
-            tr.BertConfig(
-                num_hidden_layers=2,
-                hidden_size=32,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=24,
-                **common,
-            )
-        )
-    else:
-        raise KeyError(name)
+    model = model_cls(config_cls(**kw, vocab_size=53, bos_token_id=0, eos_token_id=1, pad_token_id=2))
     model = model.to(dtype).eval()
     _init_finite(model, 2)
     return model

@@ -6,7 +6,16 @@ import warnings
 import pytest
 import torch
 
-from tests.models import BRIDGE_FAMILIES, HAS_HOOKED, HOOKED_CONFIGS, TOKENS, bridge_model, encoder_model, hooked_model
+from tests.models import (
+    BRIDGE_FAMILIES,
+    HAS_HOOKED,
+    HOOKED_CONFIGS,
+    TOKENS,
+    bridge_model,
+    encoder_model,
+    hooked_model,
+    hooked_model_cfg,
+)
 from tl_tensorlens.baselines import (
     BASELINES,
     TENSOR_METHODS,
@@ -39,23 +48,11 @@ def _cache(model, tokens=TOKENS):
 #   layer 1: A = [[1, 0], [.25, .75]], v_0 = [3, 0], v_1 = [0, 4],  x_0 = [2, 0], x_1 = [0, 0]
 # --------------------------------------------------------------------------------------------
 def _hand_decoder():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=2,
-        n_heads=1,
-        d_head=2,
-        d_vocab=4,
-        n_ctx=4,
-        attn_only=True,
-        normalization_type=None,
-        act_fn="relu",
-        **F64,
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg)
+        model = hooked_model_cfg(
+            d_model=2, n_heads=1, d_head=2, d_vocab=4, n_ctx=4, attn_only=True, normalization_type=None, act_fn="relu"
+        )
     with torch.no_grad():
         for block in model.blocks:
             block.attn.W_O.copy_(torch.eye(2, **F64)[None])
@@ -116,24 +113,9 @@ def test_hand_built_decoder_raw_layer_maps():
 # row 0: 2.5√2, √2; row 1: .0625√2, .5√2.
 # --------------------------------------------------------------------------------------------
 def _hand_encoder():
-    from transformer_lens import HookedEncoder, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=2,
-        n_heads=1,
-        d_head=2,
-        d_mlp=4,
-        d_vocab=8,
-        n_ctx=4,
-        act_fn="gelu",
-        attention_dir="bidirectional",
-        original_architecture="BertForMaskedLM",
-        **F64,
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = HookedEncoder(cfg).eval()
+        model = encoder_model(n_layers=1, d_model=2, n_heads=1, d_head=2, d_mlp=4, d_vocab=8, n_ctx=4)
     with torch.no_grad():
         model.blocks[0].attn.W_O.copy_(torch.eye(2, **F64)[None])
         model.blocks[0].ln1.w.copy_(torch.tensor([1.0, 3.0], **F64))

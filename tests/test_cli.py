@@ -1,6 +1,7 @@
 """The tl-tensorlens command, in-process: every subcommand, the report, and one-line errors."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def test_study_bad_inputs(command, tmp_path, capsys):
 @pytest.mark.slow
 def test_perturb_quick(tmp_path, capsys):
     if not has_hooked_transformer():
-        pytest.skip("scripts/run_perturbation_study.py loads its subjects with backend='hooked' (TL 3.x)")
+        pytest.skip("the perturbation study loads its subjects with backend='hooked' (TL 3.x)")
     out = tmp_path / "p"
     assert main(["perturb", "--out", str(out), "--quick"]) == 0
     assert "tensor_in_class" in capsys.readouterr().out
@@ -140,6 +141,34 @@ def test_relations_quick(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["relations", "--out", str(out), "--quick"]) == 0
     assert (out / "relations.jsonl").exists() and (out / "relations.md").exists()
+
+
+def test_study_defaults_follow_the_checkout(tmp_path):
+    """Installed, the studies default under the current directory; the checkout scripts keep theirs."""
+    from tl_tensorlens.studies import perturbation, relations
+
+    installed = perturbation.build_parser().parse_args([])
+    assert Path(installed.work_dir) == Path("perturbation") and installed.docs is None
+    repo = Path(__file__).resolve().parents[1]
+    checkout = perturbation.build_parser(repo).parse_args([])
+    assert Path(checkout.work_dir) == repo / ".cache" / "perturbation"
+    assert Path(checkout.docs) == repo / "docs" / "perturbation.md"
+    assert not Path(relations.build_parser().parse_args([]).results).is_absolute()
+    # the wrappers run from anywhere, with the checkout's defaults (COLUMNS: no wrapped help lines)
+    env = {**os.environ, "COLUMNS": "1000"}
+    for script, default in (
+        ("run_perturbation_study.py", repo / ".cache" / "perturbation"),
+        ("run_relations_study.py", ""),
+    ):
+        r = subprocess.run(
+            [sys.executable, str(repo / "scripts" / script), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert r.returncode == 0 and "--no-progress" in r.stdout and str(default) in r.stdout, r.stderr[-2000:]
 
 
 def test_python_dash_m_help():

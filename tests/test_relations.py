@@ -7,6 +7,7 @@ from typing import cast
 import pytest
 import torch
 
+from tests.models import hooked_model_cfg
 from tl_tensorlens._compat import has_hooked_transformer
 from tl_tensorlens.relations import (
     LinearRelationEmbedding,
@@ -44,24 +45,7 @@ LRE_DIR = default_data_dir() / "relations"
 
 
 def tiny_model(seed: int = 0, d_vocab: int = 50):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        d_vocab=d_vocab,
-        n_ctx=32,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        dtype=torch.float64,
-        seed=seed,
-    )
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
+    return hooked_model_cfg(d_vocab=d_vocab, n_ctx=32, normalization_type="LN", seed=seed)
 
 
 def write_relation(path: Path, name: str, samples: list[tuple[str, str]], **extra) -> Path:
@@ -295,22 +279,9 @@ def test_lre_recovers_linear_toy_map():
 @needs_hooked
 def test_lre_on_attention_free_linear_model_recovers_map():
     """A model that is linear in the subject state: LRE's W must equal that linear map exactly."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=8,
-        n_heads=2,
-        d_head=4,
-        d_vocab=13,
-        n_ctx=8,
-        attn_only=True,
-        normalization_type=None,
-        act_fn="relu",
-        dtype=torch.float64,
-        seed=1,
+    model = hooked_model_cfg(
+        n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=13, n_ctx=8, attn_only=True, normalization_type=None, seed=1
     )
-    model = HookedTransformer(cfg).eval()
     tokens = torch.tensor([[1, 2, 3, 4], [2, 5, 3, 1]])
     # With W_O = 0 the attention adds the constant b_O and there is no norm, so at the last
     # position (the subject's) F(s) = s + b_O: W = I, b = b_O.
@@ -444,19 +415,14 @@ def test_study_skips_small_relations(tmp_path):
 
 
 def test_cli_smoke_random_model(tmp_path):
-    """The study script runs end to end on a random-init model with a made-up tokenizer."""
-    import importlib.util
+    """The study runs end to end on a random-init model with a made-up tokenizer."""
+    from tl_tensorlens.studies.relations import main
 
     if not has_hooked_transformer():
         pytest.skip("the random-tiny model is a HookedTransformer (TransformerLens < 4)")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "run_relations_study.py"
-    spec = importlib.util.spec_from_file_location("run_relations_study", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     rel = write_relation(tmp_path / "rel" / "toy.json", "toy", [(f"c{i}", f"k{i % 3}") for i in range(10)])
     out = tmp_path / "out"
-    code = module.main(
+    code = main(
         [
             "--model",
             "random-tiny",

@@ -7,9 +7,9 @@ Subcommands:
   checkpoint, no network needed), a named subject (``induction``, ``relations``, ``minilm``), a
   local Hugging Face checkpoint folder, or a hub name (needs the hub).
 * ``perturb``: the perturbation study (paper Sec. 4.1), resumable; forwards to
-  ``scripts/run_perturbation_study.py`` (source checkouts) with its work folder under ``--out``.
+  :mod:`tl_tensorlens.studies.perturbation` with its work folder under ``--out``.
 * ``relations``: the relation-decoding study (Sec. 4.2), resumable; forwards to
-  ``scripts/run_relations_study.py`` with its results under ``--out``.
+  :mod:`tl_tensorlens.studies.relations` with its results under ``--out``.
 * ``list``: relevance methods and models.
 
 Every user mistake (bad argument, unknown model or method, prompt longer than the context) exits
@@ -18,7 +18,6 @@ with status 2 and one line on stderr, no traceback; files are written only under
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import os
 import sys
@@ -79,18 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-heads", action="store_true", help="skip the per-head maps")
     e.add_argument("--no-interactive", action="store_true", help="skip interactive.html (circuitsvis)")
 
-    for name, what in (
-        ("perturb", "perturbation study (Sec. 4.1)"),
-        ("relations", "relation-decoding study (Sec. 4.2)"),
+    for name, what, module in (
+        ("perturb", "perturbation study (Sec. 4.1)", "perturbation"),
+        ("relations", "relation-decoding study (Sec. 4.2)", "relations"),
     ):
         s = sub.add_parser(
             name,
-            help=f"the {what}; extra arguments go to the study script",
-            description=f"Run the {what}. Arguments after '--' are passed to the study script unchanged.",
+            help=f"the {what}; extra arguments go to the study",
+            description=f"Run the {what}. Arguments after '--' are passed to "
+            f"'python -m tl_tensorlens.studies.{module}' unchanged.",
         )
         s.add_argument("--out", required=True, help="folder for the study's results (resumable)")
         s.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
-        s.add_argument("study_args", nargs=argparse.REMAINDER, help="arguments for the study script (after '--')")
+        s.add_argument("study_args", nargs=argparse.REMAINDER, help="arguments for the study (after '--')")
 
     li = sub.add_parser("list", help="relevance methods and models")
     li.add_argument("what", nargs="?", default="all", choices=["all", "methods", "models"])
@@ -260,21 +260,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_module(script: str) -> Any:
-    """A study script of the source checkout (not part of an installed wheel), with its ``main(argv)``."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / script
-    if not path.is_file():
-        raise CliError(f"the study script {script} is not available (it ships with the source checkout, not the wheel)")
-    spec = importlib.util.spec_from_file_location(f"_tl_tensorlens_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise CliError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "main", None)):
-        raise CliError(f"{path} has no main(argv)")
-    return module
-
-
 _QUICK = {
     "perturb": ["--subjects", "induction", "--n-decoder", "4", "--n-bootstrap", "20", "--no-progress"],
     "relations": [
@@ -293,7 +278,7 @@ _QUICK = {
         "--no-progress",
     ],
 }
-# Flags through which the study scripts would write outside --out; the wrapper sets them itself.
+# Flags through which the studies would write outside --out; the command sets them itself.
 _OWNED = {
     "perturb": ("--work-dir", "--docs"),
     "relations": ("--results", "--table", "--plot", "--update-doc"),
@@ -301,6 +286,8 @@ _OWNED = {
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    from tl_tensorlens.studies import perturbation, relations
+
     extra = list(args.study_args)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -312,7 +299,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         raise CliError(f"--out {args.out!r} exists and is not a folder")
     if args.command == "perturb":
         fixed = ["--work-dir", str(out), "--docs", str(out / "perturbation.md")]
-        script = "run_perturbation_study.py"
+        study = perturbation
     else:
         fixed = [
             "--results",
@@ -322,13 +309,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
             "--plot",
             str(out / "relations.png"),
         ]
-        script = "run_relations_study.py"
-    module = _study_module(script)
+        study = relations
     argv = (_QUICK[args.command] if args.quick else []) + extra + fixed
-    _validate_study_args(module, argv, args.command)
+    _validate_study_args(study.build_parser(), argv, args.command)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        code = module.main(argv)
+        code = study.main(argv)
     except SystemExit as e:  # the study stopped itself with a message (e.g. inconsistent options)
         if isinstance(e.code, str):
             raise CliError(f"{args.command}: {e.code}") from None
@@ -336,16 +322,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return int(code or 0)
 
 
-def _validate_study_args(module: Any, argv: list[str], command: str) -> None:
+def _validate_study_args(parser: argparse.ArgumentParser, argv: list[str], command: str) -> None:
     """Parse the study's arguments first, turning its argparse usage dump into one line."""
-    build = getattr(module, "build_parser", None)
-    parse = (lambda a: build().parse_args(a)) if callable(build) else getattr(module, "_parse", None)
-    if not callable(parse):
-        return
     buf = io.StringIO()
     try:
         with contextlib.redirect_stderr(buf):
-            parse(argv)
+            parser.parse_args(argv)
     except SystemExit as e:
         if e.code:
             lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]

@@ -3,7 +3,7 @@
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tl_tensorlens.relations._study import summarize_results
+from tl_tensorlens.relations._study import ok_methods, summarize_results
 
 __all__ = ["plot_relation_results"]
 
@@ -38,11 +38,7 @@ def plot_relation_results(
     rows = list(rows)
     summary = summarize_results(rows, metric)
     if methods is None:
-        seen: dict[str, None] = {}
-        for row in rows:
-            if row.get("status") == "ok":
-                seen.setdefault(row["method"], None)
-        methods = list(seen)
+        methods = ok_methods(rows)
     relations = sorted(summary)
     width = 0.8 / max(len(methods), 1)
     fig = Figure(figsize=(max(6.0, 0.9 * len(relations) * max(len(methods), 1) * 0.5 + 2), 4.0), layout="constrained")

@@ -431,6 +431,11 @@ def summarize_results(rows: Iterable[dict[str, Any]], metric: str = "faithfulnes
     return summary
 
 
+def ok_methods(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The methods with at least one ``ok`` row, in first-seen order (the default column order)."""
+    return list(dict.fromkeys(row["method"] for row in rows if row.get("status") == "ok"))
+
+
 def results_table(
     rows: Iterable[dict[str, Any]], metric: str = "faithfulness", methods: Sequence[str] | None = None
 ) -> str:
@@ -448,11 +453,7 @@ def results_table(
     rows = list(rows)
     summary = summarize_results(rows, metric)
     if methods is None:
-        seen: dict[str, None] = {}
-        for row in rows:
-            if row.get("status") == "ok":
-                seen.setdefault(row["method"], None)
-        methods = list(seen)
+        methods = ok_methods(rows)
     header = ["relation", "splits", "n_test", "random", *methods]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     totals: dict[str, list[float]] = defaultdict(list)

@@ -6,9 +6,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from tl_tensorlens.subjects.induction import InductionConfig
+    from tl_tensorlens.subjects.relation_model import RelationConfig
+
+    #: A subject's model size and training recipe (the fields both configs share).
+    Recipe = InductionConfig | RelationConfig
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 
@@ -38,20 +45,20 @@ def word_tokenizer(words: Sequence[str]) -> Any:
     )
 
 
-def gpt2_model(*, d_vocab: int, n_ctx: int, d_model: int, n_layers: int, n_heads: int, seed: int) -> Any:
-    """A freshly initialised, dropout-free ``GPT2LMHeadModel`` (seeded).
+def gpt2_model(config: "Recipe", *, d_vocab: int) -> Any:
+    """A freshly initialised, dropout-free ``GPT2LMHeadModel`` of the recipe's size (seeded).
 
     ``n_ctx`` is written to the config as well as ``n_positions``: TransformerLens 3.9's GPT-2
     config converter reads ``hf_config.n_ctx``, which transformers 5 no longer sets by default.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(
+    gpt2_config = GPT2Config(
         vocab_size=d_vocab,
-        n_positions=n_ctx,
-        n_embd=d_model,
-        n_layer=n_layers,
-        n_head=n_heads,
+        n_positions=config.n_ctx,
+        n_embd=config.d_model,
+        n_layer=config.n_layers,
+        n_head=config.n_heads,
         activation_function="gelu_new",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -61,10 +68,10 @@ def gpt2_model(*, d_vocab: int, n_ctx: int, d_model: int, n_layers: int, n_heads
         pad_token_id=SPECIAL_TOKENS.index("<pad>"),
         architectures=["GPT2LMHeadModel"],
     )
-    config.n_ctx = n_ctx  # not a declared GPT2Config field: saved to config.json as an extra key
+    gpt2_config.n_ctx = config.n_ctx  # not a declared GPT2Config field: saved to config.json as an extra key
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
+        torch.manual_seed(config.seed)
+        model = GPT2LMHeadModel(gpt2_config)
     return model
 
 
@@ -76,24 +83,25 @@ class TrainLog:
     seconds: float
 
 
+#: Linear warm-up steps of :func:`train_lm` (the model cards quote it).
+WARMUP = 50
+
+
 def train_lm(
     model: torch.nn.Module,
+    config: "Recipe",
     batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-    *,
-    steps: int,
-    lr: float,
-    weight_decay: float,
     eval_fn: Callable[[], dict[str, float]],
-    eval_every: int,
-    warmup: int = 50,
 ) -> TrainLog:
-    """Next-token training with AdamW, linear warm-up then cosine decay.
+    """Next-token training with AdamW, linear warm-up then cosine decay, for the recipe's steps.
 
     ``batch_fn(step)`` returns ``(tokens [batch, pos], loss_mask [batch, pos])``; the mask marks
-    the positions whose *next* token is scored. Deterministic given the model's initial weights
-    and ``batch_fn`` (single-threaded CPU).
+    the positions whose *next* token is scored; ``eval_fn()`` runs every ``config.eval_every``
+    steps and at the end. Deterministic given the model's initial weights and ``batch_fn``
+    (single-threaded CPU).
     """
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    steps, lr, eval_every, warmup = config.steps, config.lr, config.eval_every, WARMUP
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -139,6 +147,23 @@ def curve_table(curve: list[dict[str, float]]) -> str:
         cells = [str(int(row[k])) if k == "step" else f"{row[k]:.4g}" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def training_section(config: "Recipe", log: TrainLog) -> str:
+    """The model card's "Training" section: the recipe of :func:`train_lm` and its curve."""
+    c = config
+    return f"""## Training
+AdamW (lr {c.lr}, weight decay {c.weight_decay}, betas (0.9, 0.98)), {WARMUP} warm-up steps then
+cosine decay, {c.steps} steps of batch {c.batch_size}, gradient clip 1.0, seed {c.seed},
+1 CPU thread: {log.seconds:.0f} s.
+
+{curve_table(log.curve)}"""
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """The model card's final metrics as a markdown table (4 decimals; the wall time left out)."""
+    rows = [f"| {k} | {v:.4f} |" for k, v in metrics.items() if k != "train_seconds"]
+    return "\n".join(["| metric | value |", "|---|---|", *rows])
 
 
 def save_checkpoint(

@@ -21,10 +21,11 @@ from tl_tensorlens.errors import TensorLensError
 from tl_tensorlens.subjects._training import (
     SPECIAL_TOKENS,
     TrainLog,
-    curve_table,
     gpt2_model,
     logits_of,
+    metrics_table,
     train_lm,
+    training_section,
     word_tokenizer,
 )
 
@@ -176,14 +177,7 @@ def train_induction(config: InductionConfig = InductionConfig()) -> InductionRes
         >>> sorted(r.metrics)[:2]
         ['first_half_acc_11', 'repeat_acc_11']
     """
-    model = gpt2_model(
-        d_vocab=len(SPECIAL_TOKENS) + config.n_random_tokens,
-        n_ctx=config.n_ctx,
-        d_model=config.d_model,
-        n_layers=config.n_layers,
-        n_heads=config.n_heads,
-        seed=config.seed,
-    )
+    model = gpt2_model(config, d_vocab=len(SPECIAL_TOKENS) + config.n_random_tokens)
     max_seg = (config.n_ctx - 1) // 2
     lengths = torch.Generator().manual_seed(config.seed + 1)
 
@@ -214,15 +208,7 @@ def train_induction(config: InductionConfig = InductionConfig()) -> InductionRes
         )
         return {"eval_repeat_acc": r["repeat_acc"], "eval_repeat_loss": r["repeat_loss"]}
 
-    log = train_lm(
-        model,
-        batch_fn,
-        steps=config.steps,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        eval_fn=eval_fn,
-        eval_every=config.eval_every,
-    )
+    log = train_lm(model, config, batch_fn, eval_fn)
     metrics: dict[str, float] = {}
     for seq_len in config.eval_seq_lens:
         r = evaluate_induction(
@@ -241,7 +227,6 @@ def induction_card(result: InductionResult) -> str:
     """The model card (markdown) of a trained induction model."""
     c = result.config
     n_params = sum(p.numel() for p in result.model.parameters())
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in result.metrics.items() if k != "train_seconds")
     return f"""# tl_tensorlens induction subject
 
 A {c.n_layers}-layer `GPT2LMHeadModel` (d_model {c.d_model}, {c.n_heads} heads, MLPs, learned
@@ -254,12 +239,7 @@ from `t00`..`t{c.n_random_tokens - 1:02d}` (`tl_tensorlens.subjects.induction_ba
 `A_i` the answer is `A_(i+1)`, the token after the first occurrence (`InductionBatch.src_pos`).
 Training draws `L` uniformly in [{c.min_segment}, {(c.n_ctx - 1) // 2}] per batch; evaluation uses other seeds.
 
-## Training
-AdamW (lr {c.lr}, weight decay {c.weight_decay}, betas (0.9, 0.98)), 50 warm-up steps then
-cosine decay, {c.steps} steps of batch {c.batch_size}, gradient clip 1.0, seed {c.seed},
-1 CPU thread: {result.log.seconds:.0f} s.
-
-{curve_table(result.log.curve)}
+{training_section(c, result.log)}
 
 `eval_*` = held-out sequences of length {max(c.eval_seq_lens)}.
 
@@ -267,9 +247,7 @@ cosine decay, {c.steps} steps of batch {c.batch_size}, gradient clip 1.0, seed {
 `repeat_acc_N`: top-1 accuracy on the repeated half of length-N sequences (the ground-truth
 positions); `first_half_acc_N`: the unpredictable first copy (chance is about 1/{c.n_random_tokens}).
 
-| metric | value |
-|---|---|
-{rows}
+{metrics_table(result.metrics)}
 
 Config: `{asdict(c)}`
 """

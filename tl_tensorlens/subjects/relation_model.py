@@ -26,10 +26,11 @@ from tl_tensorlens.errors import TensorLensError
 from tl_tensorlens.subjects._training import (
     SPECIAL_TOKENS,
     TrainLog,
-    curve_table,
     gpt2_model,
     logits_of,
+    metrics_table,
     train_lm,
+    training_section,
     word_tokenizer,
 )
 
@@ -312,14 +313,7 @@ def train_relations(config: RelationConfig = RelationConfig()) -> RelationResult
     """
     tok = relation_tokenizer()
     facts = make_facts(config.fact_seed, config.n_entities)
-    model = gpt2_model(
-        d_vocab=len(tok),
-        n_ctx=config.n_ctx,
-        d_model=config.d_model,
-        n_layers=config.n_layers,
-        n_heads=config.n_heads,
-        seed=config.seed,
-    )
+    model = gpt2_model(config, d_vocab=len(tok))
     rng = random.Random(config.seed)
     vocab = tok.get_vocab()
     pad = SPECIAL_TOKENS.index("<pad>")
@@ -339,15 +333,7 @@ def train_relations(config: RelationConfig = RelationConfig()) -> RelationResult
             "heldout_fewshot_3": evaluate_relations(model, tok, facts, shots=3, heldout=True, seed=config.eval_seed),
         }
 
-    log = train_lm(
-        model,
-        batch_fn,
-        steps=config.steps,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        eval_fn=eval_fn,
-        eval_every=config.eval_every,
-    )
+    log = train_lm(model, config, batch_fn, eval_fn)
     metrics: dict[str, float] = {}
     for shots in (0, 1, 3):
         for heldout in (False, True):
@@ -367,7 +353,6 @@ def relation_card(result: RelationResult) -> str:
         f"| {name} | `{templates(k)[0]}` | `{templates(k)[1]}` | {', '.join(objs)} |"
         for k, (name, (_, _, objs)) in enumerate(RELATIONS.items())
     )
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in result.metrics.items() if k != "train_seconds")
     return f"""# tl_tensorlens relation subject
 
 A {c.n_layers}-layer `GPT2LMHeadModel` (d_model {c.d_model}, {c.n_heads} heads, MLPs, n_ctx {c.n_ctx},
@@ -389,21 +374,14 @@ block (2 to {c.max_shots + 1} statements of one relation with one training templ
 1 to 3 statements with random relations and training templates. The loss scores every next token
 except the subjects (random draws).
 
-## Training
-AdamW (lr {c.lr}, weight decay {c.weight_decay}, betas (0.9, 0.98)), 50 warm-up steps then
-cosine decay, {c.steps} steps of batch {c.batch_size}, gradient clip 1.0, seed {c.seed}, 1 CPU thread:
-{result.log.seconds:.0f} s.
-
-{curve_table(result.log.curve)}
+{training_section(c, result.log)}
 
 ## Final metrics
 `recall_fewshot_k`: top-1 accuracy of the object after a prompt with k demonstrations (other
 subjects, same relation and template) over every fact and every training template;
 `heldout_fewshot_k`: the same with the held-out templates.
 
-| metric | value |
-|---|---|
-{rows}
+{metrics_table(result.metrics)}
 
 Config: `{asdict(c)}`
 """
