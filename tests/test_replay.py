@@ -83,7 +83,7 @@ def test_bridge_replay_exact(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = bridge_model(name)
-    outputs = ("resid_post",) if name == "bert" else OUTPUTS
+    outputs = OUTPUTS  # BERT: the MLM-head GELU of the wrapped HF model is frozen by a module hook
     # HF RMSNorm (LLaMA/Gemma) upcasts to float32 inside the norm even in a float64 model, so the
     # model's own output carries float32 rounding; the replay itself stays affine to 1e-12.
     rep_tol = 1e-5 if name in ("llama_gqa", "gemma2", "gemma3") else 1e-12
@@ -276,3 +276,35 @@ def test_lower_precision_within_documented_tolerance(dtype, tol):
     model = hooked_model("llama_gqa", dtype=dtype)
     (check,) = verify_replay(model, TOKENS, outputs=("logits",))
     assert check.ok and check.tolerance == tol
+
+
+def test_unhookable_head_activation_refuses_outputs_past_the_last_block():
+    """RoBERTa's LM head calls gelu as a function (no module, no hook): resid_post is exact, the
+    unembedding input and logits are refused by name instead of being silently nonlinear."""
+    import transformers as tr
+
+    from tl_tensorlens._compat import bridge_from_hf
+
+    torch.manual_seed(0)
+    config = tr.RobertaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        vocab_size=53,
+        pad_token_id=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = bridge_from_hf(tr.RobertaForMaskedLM(config).double())
+        except ValueError as err:  # TL 3.9's Bridge has no RoBERTa adapter
+            pytest.skip(f"this TransformerLens Bridge cannot wrap RoBERTa: {err}")
+        tokens = torch.tensor([[0, 5, 17, 8, 33, 21, 2]])
+        state = capture(model, tokens)
+        (check,) = verify_replay(model, state, outputs=("resid_post",))
+    assert check.reproduction_error <= 1e-12 and check.affine_error <= 1e-12
+    for output in ("ln_final", "logits"):
+        with pytest.raises(UnsupportedModelError, match="MLM head's activation"):
+            replay(model, state, state.x0, output=output)

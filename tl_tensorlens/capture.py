@@ -135,6 +135,7 @@ class FrozenState:
         logit_ratio: frozen ``softcap(z)/z`` applied after ``unembed.hook_out`` (None without a cap).
         head_act_ratio: frozen ratio of an unhooked activation inside an encoder's MLM head, keyed by
             module path (None when the model has none).
+        unsupported_outputs: output point -> why the replay cannot be exact there (refused by name).
         backend: "hooked" (HookedTransformer), "encoder" (HookedEncoder) or "bridge".
         n_layers: number of blocks.
         logits: the model's own output logits for the prompt ``[1, pos, d_vocab]`` (None if the model
@@ -150,6 +151,7 @@ class FrozenState:
     n_layers: int
     logit_ratio: Tensor | None = None
     head_act_ratio: dict[str, Tensor] = field(default_factory=dict)
+    unsupported_outputs: dict[str, str] = field(default_factory=dict)
     logits: Tensor | None = None
 
     @property
@@ -219,6 +221,7 @@ class FrozenState:
             n_layers=self.n_layers,
             logit_ratio=None if self.logit_ratio is None else self.logit_ratio[:, :n],
             head_act_ratio={k: v[:, :n] for k, v in self.head_act_ratio.items()},
+            unsupported_outputs=self.unsupported_outputs,
             logits=None if self.logits is None else self.logits[:, :n],
         )
 
@@ -249,19 +252,41 @@ def _as_tokens(tokens: Any, model: Any) -> Tensor:
     return tokens.long()
 
 
-def _mlm_head_activations(model: Any) -> dict[str, torch.nn.Module]:
-    """Leaf activation modules inside an encoder's MLM head (no HookPoint covers them)."""
-    head = getattr(model, "mlm_head", None)
-    if head is None:
-        return {}
+_ACTIVATION_CLASS_HINTS = ("gelu", "activation", "relu", "silu", "tanh")
+
+
+def _leaf_activations(
+    root: torch.nn.Module, prefix: str, inside: tuple[str, ...] = ("",)
+) -> dict[str, torch.nn.Module]:
     found: dict[str, torch.nn.Module] = {}
-    for name, mod in head.named_modules():
-        if list(mod.children()):
+    for name, mod in root.named_modules():
+        if list(mod.children()) or not any(k in name for k in inside):
             continue
-        cname = type(mod).__name__.lower()
-        if any(k in cname for k in ("gelu", "activation", "relu", "silu", "tanh")):
-            found[f"mlm_head.{name}" if name else "mlm_head"] = mod
+        if any(k in type(mod).__name__.lower() for k in _ACTIVATION_CLASS_HINTS):
+            found[f"{prefix}.{name}" if name else prefix] = mod
     return found
+
+
+def _mlm_head_activations(model: Any) -> dict[str, torch.nn.Module] | None:
+    """Leaf activation modules inside an encoder's MLM head (no HookPoint covers them).
+
+    Returns None when the model has an MLM head whose activation could not be found (it may be a
+    plain function call, as in RoBERTa's head): then nothing past the last block can be frozen.
+    """
+    if "mlm_head.hook_in" not in model.hook_dict and getattr(model, "mlm_head", None) is None:
+        return {}
+    if isinstance(getattr(model, "mlm_head", None), torch.nn.Module):
+        found = _leaf_activations(model.mlm_head, "mlm_head")
+        if found:
+            return found
+    # TransformerBridge wraps only the head's dense layer and LayerNorm; the activation between them
+    # stays a module of the wrapped Hugging Face model (e.g. cls.predictions.transform.transform_act_fn).
+    hf = getattr(model, "original_model", None)
+    if isinstance(hf, torch.nn.Module):
+        found = _leaf_activations(hf, "original_model", inside=("predictions", "lm_head"))
+        if found:
+            return found
+    return None
 
 
 def _detect_observational_patterns(
@@ -380,8 +405,18 @@ def capture(model: Any, tokens: Any) -> FrozenState:
         logit_ratio = torch.where(small, torch.ones_like(z), cap * torch.tanh(safe / cap) / safe)
 
     head_act_ratio: dict[str, Tensor] = {}
+    unsupported_outputs: dict[str, str] = {}
     if backend in ("encoder", "bridge"):
         acts = _mlm_head_activations(model)
+        if acts is None:
+            unsupported_outputs.update(
+                {
+                    out: "the MLM head's activation (between its dense layer and LayerNorm) has no hook and "
+                    "no module to freeze; use output='resid_post'"
+                    for out in ("ln_final", "logits")
+                }
+            )
+            acts = {}
         records: dict[str, tuple[Tensor, Tensor]] = {}
         handles = []
         try:
@@ -412,5 +447,6 @@ def capture(model: Any, tokens: Any) -> FrozenState:
         n_layers=n_layers,
         logit_ratio=logit_ratio,
         head_act_ratio=head_act_ratio,
+        unsupported_outputs=unsupported_outputs,
         logits=logits.detach() if isinstance(logits, Tensor) else None,
     )

@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_tensorlens.capture import FrozenState, block_output_hook, capture
-from tl_tensorlens.errors import ReplayError, VerificationError
+from tl_tensorlens.errors import ReplayError, UnsupportedModelError, VerificationError
 
 OutputPoint = Literal["resid_post", "ln_final", "logits"]
 OUTPUT_POINTS: tuple[str, ...] = ("resid_post", "ln_final", "logits")
@@ -67,6 +67,8 @@ class ReplaySpec:
             raise ReplayError(f"output={self.output!r}; choose one of {OUTPUT_POINTS}")
         if not (0 <= self.start < stop <= n):
             raise ReplayError(f"layers=({self.start}, {stop}) must satisfy 0 <= start < stop <= n_layers={n}")
+        if self.output in state.unsupported_outputs:
+            raise UnsupportedModelError({f"output={self.output!r}": state.unsupported_outputs[self.output]})
         if self.output != "resid_post" and stop != n:
             raise ReplayError(
                 f"output={self.output!r} reads after ln_final, so the range must end at the last block "
