@@ -224,7 +224,7 @@ class TensorLens:
         layers: tuple[int, int] | None = None,
         heads: Mapping[int, Sequence[int]] | None = None,
         bias: bool = True,
-        verify: bool = False,
+        verify: bool = True,
         memory_budget: int | None = None,
         progress: bool | None = None,
     ) -> "TensorLens":
@@ -237,8 +237,11 @@ class TensorLens:
             layers: ``(start, stop)`` block range; the input is ``blocks.{start}.hook_resid_pre``.
             heads: per layer, the heads kept (others zeroed).
             bias: False drops the affine constant (``bias`` is then 0 and ``output = T x``).
-            verify: first check that the replay reproduces the model and is affine (raises
-                :class:`~tl_tensorlens.errors.VerificationError` if not).
+            verify: first check, on this prompt, that the replay reproduces the model and is affine
+                (raises :class:`~tl_tensorlens.errors.VerificationError` if not). On by default: it costs
+                one batched replay of 5 inputs and catches any nonlinearity the capture could not see
+                (an unhooked activation in an architecture this library has not met); pass False to
+                skip it.
             memory_budget: bytes one request may allocate (default :func:`default_memory_budget`).
             progress: show tqdm bars (None: only for long work).
         """
