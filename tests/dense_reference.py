@@ -34,6 +34,8 @@ def attention_matrix(model, state: FrozenState, layer: int) -> Tensor:
     attn = model.blocks[layer].attn
     A = state.pattern(layer)
     W_V, W_O = attn.W_V.detach(), attn.W_O.detach()
+    if W_V.shape[0] != A.shape[0]:  # GQA on the Bridge: W_V per kv group; head h reads group h // (H / n_kv)
+        W_V = W_V.repeat_interleave(A.shape[0] // W_V.shape[0], dim=0)
     out = 0
     for h in range(A.shape[0]):
         out = out + torch.kron(A[h].contiguous(), (W_V[h] @ W_O[h]).T.contiguous())

@@ -278,3 +278,17 @@ def test_same_weights_give_the_same_tensor_on_both_backends(name, tmp_path):
     assert _rel(lenses[1].input, lenses[0].input) <= 1e-12
     assert _rel(lenses[1].full(), lenses[0].full()) <= 1e-10
     assert _rel(lenses[1].bias, lenses[0].bias) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["gpt2", "neox", "llama_gqa"])
+def test_bridge_full_matches_independent_dense_construction(name):
+    """The dense reference reads TL-shaped weights (``blocks[l].attn.W_V`` ...), which the Bridge
+    exposes too, so this runs on TL 4.3 as well."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = bridge_model(name)
+    for output in ("resid_post", "ln_final"):
+        lens = TensorLens.from_model(model, TOKENS, output=output)
+        n, D = lens.input.shape
+        ref = as_tensor4(model_matrix(model, lens.state, output), n, D, D)
+        assert _rel(lens.full(), ref) <= 1e-10, (name, output)
