@@ -166,6 +166,9 @@ class PerturbationConfig:
         mask_token_id: the replacement token ([MASK] for encoders).
         special_token_ids: ids never masked ([CLS], [SEP], BOS, padding).
         batch_size: perturbed sequences per forward.
+        rank_by: ``"value"`` ranks by the relevance itself (the paper's protocol); ``"magnitude"`` by
+            ``|relevance|``, so for signed maps (In+Out, In+Class) the tokens masked first in negative
+            perturbation are those with the *smallest* effect, not the most negative one.
     """
 
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
@@ -174,8 +177,11 @@ class PerturbationConfig:
     mask_token_id: int | None = None
     special_token_ids: tuple[int, ...] = ()
     batch_size: int = 64
+    rank_by: Literal["value", "magnitude"] = "value"
 
     def __post_init__(self) -> None:
+        if self.rank_by not in ("value", "magnitude"):
+            raise TensorLensError(f"rank_by must be 'value' or 'magnitude', got {self.rank_by!r}")
         fr = list(self.fractions)
         if not fr or any(b <= a for a, b in zip(fr, fr[1:], strict=False)) or fr[0] < 0 or fr[-1] > 1:
             raise TensorLensError(f"fractions must be increasing within [0, 1], got {self.fractions}")
@@ -191,6 +197,8 @@ class PerturbationConfig:
         """A short hash of the settings that change results (not the batch size)."""
         d = asdict(self)
         d.pop("batch_size")
+        if d["rank_by"] == "value":  # the original protocol keeps the keys of runs made before rank_by existed
+            d.pop("rank_by")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -214,7 +222,12 @@ def default_capture(model: Any, tokens: Int[Tensor, "1 pos"]) -> Any:
     return _PlainState(tokens, {k: v for k, v in cache.items()})
 
 
-def rank_positions(relevance: Float[Tensor, " pos_in"], maskable: Sequence[int], direction: str) -> list[int]:
+def rank_positions(
+    relevance: Float[Tensor, " pos_in"],
+    maskable: Sequence[int],
+    direction: str,
+    rank_by: Literal["value", "magnitude"] = "value",
+) -> list[int]:
     """Maskable positions in masking order (most relevant first for "positive").
 
     Example:
@@ -222,9 +235,13 @@ def rank_positions(relevance: Float[Tensor, " pos_in"], maskable: Sequence[int],
         [1, 3, 2]
         >>> rank_positions(torch.tensor([0.0, 3.0, 1.0, 2.0]), [1, 2, 3], "negative")
         [2, 3, 1]
+        >>> rank_positions(torch.tensor([0.0, -3.0, 1.0, 2.0]), [1, 2, 3], "negative", "magnitude")
+        [2, 3, 1]
     """
     idx = torch.tensor(list(maskable), dtype=torch.long)
     rel = relevance.detach().to(torch.float64).cpu()[idx]
+    if rank_by == "magnitude":
+        rel = rel.abs()
     if not torch.isfinite(rel).all():
         raise TensorLensError(f"relevance row has non-finite entries at maskable positions: {rel}")
     key = -rel if direction == "positive" else rel
@@ -396,7 +413,7 @@ def _run_example(
             raise TensorLensError(f"method {m!r} returned a map of shape {tuple(rel.shape)} for {n} tokens")
         row = rel[position]
         for d in config.directions:
-            order = rank_positions(row, maskable, d) if maskable else []
+            order = rank_positions(row, maskable, d, config.rank_by) if maskable else []
             for f in config.fractions:
                 k = metrics.n_masked(f, len(maskable))
                 plans.append((m, d, f, k, _perturb(tokens, order[:k], config)))

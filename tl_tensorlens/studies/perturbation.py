@@ -64,6 +64,12 @@ def build_parser(repo: Path | None = None) -> argparse.ArgumentParser:
         + (docs if docs is not None else "<work-dir>/perturbation.md")
         + ")",
     )
+    p.add_argument(
+        "--rank-by",
+        choices=("value", "magnitude"),
+        default="value",
+        help="rank tokens by relevance (the paper) or by |relevance| (fairer to signed maps in negative perturbation)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -205,7 +211,7 @@ def main(argv: Sequence[str] | None = None, *, repo: Path | None = None) -> int:
     torch.set_num_threads(args.threads)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     fractions = tuple(float(f) for f in args.fractions.split(","))
-    conf_kw = dict(fractions=fractions)
+    conf_kw = dict(fractions=fractions, rank_by=args.rank_by)
     if args.docs is None:
         args.docs = str(Path(args.work_dir) / "perturbation.md")
     docs = Path(args.docs) if args.docs else None
