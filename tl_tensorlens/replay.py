@@ -277,15 +277,25 @@ def _bridge_edit_warnings_silenced() -> Iterator[None]:
         yield
 
 
-def _run(model: Any, state: FrozenState, x: Tensor, spec: ReplaySpec) -> Tensor:
-    """Affine replay of a batch ``x`` [batch, pos, d_model]."""
+def _run(model: Any, state: FrozenState, x: Tensor, spec: ReplaySpec, *, frozen: bool = True) -> Tensor:
+    """Run ``x`` [batch, pos, d_model] from ``blocks.{start}.hook_resid_pre`` to the output point:
+    the affine replay (``frozen=True``) or the real model (``frozen=False``, see :func:`live`)."""
     tokens = state.tokens.to(x.device).expand(x.shape[0], -1)
-    hooks = frozen_hooks(model, state, spec) + [_input_hook(x, spec.start)] + _output_hooks(model, state, spec)
+    hooks = [_input_hook(x, spec.start)]
+    if frozen:
+        hooks = frozen_hooks(model, state, spec) + hooks
+    # The live model's logits are its own return value: the soft-cap acts after the last hook.
+    live_logits = not frozen and spec.output == "logits"
+    if not live_logits:
+        hooks += _output_hooks(model, state, spec)
+    module_hooks = _module_ratio_hooks(model, state) if frozen else contextlib.nullcontext()
     try:
-        with _bridge_edit_warnings_silenced(), _module_ratio_hooks(model, state), model.hooks(fwd_hooks=hooks):
-            model(tokens)
+        with _bridge_edit_warnings_silenced(), module_hooks, model.hooks(fwd_hooks=hooks):
+            out = model(tokens)
     except _StopReplay as stop:
         return stop.value
+    if live_logits:
+        return out
     raise ReplayError(f"the output hook for output={spec.output!r} never fired")
 
 
@@ -361,18 +371,7 @@ def live(
         True
     """
     spec = ReplaySpec(output, *(layers or (0, None))).resolved(state)
-    x = _check_input(state, x)
-    tokens = state.tokens.to(x.device).expand(x.shape[0], -1)
-    feed = _input_hook(x, spec.start)
-    if output == "logits":
-        with model.hooks(fwd_hooks=[feed]):
-            return model(tokens)
-    try:
-        with model.hooks(fwd_hooks=[feed] + _output_hooks(model, state, spec)):
-            model(tokens)
-    except _StopReplay as stop:
-        return stop.value
-    raise ReplayError(f"the output hook for output={output!r} never fired")
+    return _run(model, state, _check_input(state, x), spec, frozen=False)
 
 
 @contextlib.contextmanager
