@@ -4,7 +4,7 @@ Each example is a repeated random segment cut at a repeat position, so the model
 prediction is decided by induction. For each relevance method the harness masks the most relevant
 input tokens (positive perturbation: the prediction should break fast) or the least relevant
 (negative: it should survive) and records how often the prediction survives; AUC and AOPC summarise
-the curves. The full study (MiniLM polarity + induction, all 8 baselines, bootstrap CIs) is
+the curves. The full study (MiniLM polarity + induction, the 8 baselines and ALTI, bootstrap CIs) is
 ``tl-tensorlens perturb`` / ``python -m tl_tensorlens.studies.perturbation``.
 
     python demos/perturbation_study.py --n 12 --out out/perturbation

@@ -17,6 +17,7 @@ from tests.models import (
     hooked_model_cfg,
 )
 from tl_tensorlens.baselines import (
+    ALL_BASELINES,
     BASELINES,
     TENSOR_METHODS,
     get_method,
@@ -27,7 +28,7 @@ from tl_tensorlens.baselines import (
     rollout,
     unregister_method,
 )
-from tl_tensorlens.baselines._intra import _res_pieces, _weighted_pieces
+from tl_tensorlens.baselines._intra import _res_pieces, _weighted_pieces, alti_pieces
 from tl_tensorlens.errors import TensorLensError
 
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer/HookedEncoder need TransformerLens < 4")
@@ -102,6 +103,28 @@ def test_hand_built_decoder_raw_layer_maps():
     )
 
 
+@needs_hooked
+def test_hand_built_decoder_alti():
+    # Same activations, and b_O = [-1, 1] in layer 1 so the resultant differs from the pieces' sum.
+    # Layer 0 (b_O = 0), ALTI = max(0, ‖y‖₁ - ‖y - p‖₁) with p_ij = α_ij v_j + δ_ij x_i:
+    #   row 0: p = [2, 1], 0; y = [2, 1] -> [3, 0].
+    #   row 1: p = [.5, 0], [0, 2]; y = [.5, 2], ‖y‖₁ = 2.5 -> [2.5 - 2, 2.5 - .5] = [.5, 2].
+    # Layer 1: row 0: p = [5, 0], 0; y = [4, 1] -> [5 - 2, 5 - 5] = [3, 0].
+    #   row 1: p = [.75, 0], [0, 3]; y = [-.25, 4], ‖y‖₁ = 4.25; distances 5 and 1.25 -> [0, 3]
+    #   (the first is clamped at 0: that piece points away from the output).
+    # Rollout without identity: [[1, 0], [0, 1]] @ [[1, 0], [.2, .8]].
+    model, acts = _hand_decoder()
+    with torch.no_grad():
+        model.blocks[0].attn.b_O.zero_()
+        model.blocks[1].attn.b_O.copy_(torch.tensor([-1.0, 1.0], **F64))
+    maps = layer_maps(model, acts, "alti")
+    torch.testing.assert_close(maps[0], torch.tensor([[3, 0], [0.5, 2]], **F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(maps[1], torch.tensor([[3, 0], [0, 3]], **F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        get_method("alti_rollout")(model, acts), torch.tensor([[1, 0], [0.2, 0.8]], **F64), rtol=0, atol=1e-12
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Hand-built case 2: 1-layer BERT post-LN block, one head, d_model = 2, W_O = I,
 # ln1.w = [1, 3], ln2.w = [1, 1]. A = [[.5, .5], [.25, .75]], v_0 = [1, 0], v_1 = [0, 2],
@@ -148,6 +171,19 @@ def test_hand_built_encoder_known_answer():
     for name in ("w_attn_res_ln_rollout", "w_attn_res_ln_mean", "globenc_rollout", "globenc_mean"):
         torch.testing.assert_close(get_method(name)(model, acts), expected)
     torch.testing.assert_close(get_method("attn_mean")(model, acts), torch.tensor([[0.5, 0.5], [0.25, 0.75]], **F64))
+
+
+@needs_hooked
+def test_hand_built_encoder_alti():
+    # ln1 pieces (above): row 0: [.625, -1.875], [-.25, .75]; row 1: [.125, -.375], [-1, 3].
+    # b_O = 0, β = [.5, 0]: y_0 = [.875, -1.125] (‖y‖₁ = 2), y_1 = [-.375, 2.625] (‖y‖₁ = 3).
+    # Distances: row 0: 1, 3 -> [1, 0]; row 1: 3.5, 1 -> [0, 2].
+    model, acts = _hand_encoder()
+    with torch.no_grad():
+        model.blocks[0].attn.b_O.zero_()
+        model.blocks[0].ln1.b.copy_(torch.tensor([0.5, 0.0], **F64))
+    torch.testing.assert_close(layer_maps(model, acts, "alti")[0], torch.tensor([[1, 0], [0, 2]], **F64))
+    torch.testing.assert_close(get_method("alti_rollout")(model, acts), torch.eye(2, **F64))
 
 
 def test_rollout_and_mean_by_hand():
@@ -203,6 +239,26 @@ def test_encoder_ln_pieces_sum_to_the_normalized_residual():
         torch.testing.assert_close(pieces.sum(1) + b_part + ln1.b, expected, rtol=0, atol=1e-10)
 
 
+@needs_hooked
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "three_layers_gqa_bias", "gemma2_softcaps_sandwich"])
+def test_alti_resultant_is_the_real_resid_mid(family):
+    model = hooked_model(family)
+    acts = _cache(model)
+    for layer in range(model.cfg.n_layers):
+        _, whole = alti_pieces(model, acts, layer)
+        torch.testing.assert_close(whole, acts[f"blocks.{layer}.hook_resid_mid"][0], rtol=0, atol=1e-12)
+
+
+@needs_hooked
+def test_alti_resultant_is_the_real_ln1_output_on_the_encoder():
+    model = encoder_model()
+    acts = _cache(model)
+    for layer in range(model.cfg.n_layers):
+        _, whole = alti_pieces(model, acts, layer)
+        expected = model.blocks[layer].ln1(acts[f"blocks.{layer}.hook_resid_mid"])[0]
+        torch.testing.assert_close(whole, expected, rtol=0, atol=1e-10)
+
+
 # --------------------------------------------------------------------------------------------
 # Every family
 # --------------------------------------------------------------------------------------------
@@ -223,7 +279,7 @@ def test_every_baseline_runs_on_every_hooked_family(family):
         with pytest.raises(TensorLensError, match="Olmo2"):
             get_method("globenc_rollout")(model, acts)
         return
-    for name in BASELINES:
+    for name in ALL_BASELINES:
         _check_map(get_method(name)(model, acts), TOKENS.shape[1], causal=True)
 
 
@@ -231,7 +287,7 @@ def test_every_baseline_runs_on_every_hooked_family(family):
 def test_every_baseline_runs_on_the_encoder():
     model = encoder_model()
     acts = _cache(model)
-    for name in BASELINES:
+    for name in ALL_BASELINES:
         _check_map(get_method(name)(model, acts), TOKENS.shape[1], causal=False)
 
 
@@ -242,7 +298,7 @@ def test_every_baseline_runs_on_bridges(family):
         warnings.simplefilter("ignore")
         model = bridge_model(family)
         acts = _cache(model)
-    for name in BASELINES:
+    for name in ALL_BASELINES:
         _check_map(get_method(name)(model, acts), TOKENS.shape[1], causal=family != "bert")
 
 
@@ -251,7 +307,7 @@ def test_every_baseline_runs_on_bridges(family):
 # --------------------------------------------------------------------------------------------
 def test_registry():
     names = list_methods()
-    assert set(BASELINES) | set(TENSOR_METHODS) | {"random"} <= set(names)
+    assert set(ALL_BASELINES) | set(TENSOR_METHODS) | {"random"} <= set(names)
     assert len(BASELINES) == 8
 
     def ones(model, state, *, position=None, target=None):

@@ -4,6 +4,8 @@ from tl_tensorlens.baselines._common import row_normalize
 from tl_tensorlens.baselines._cross import layer_mean, rollout
 from tl_tensorlens.baselines._intra import INTRA_LAYER, layer_maps
 from tl_tensorlens.baselines._methods import (
+    ALL_BASELINES,
+    ALTI,
     BASELINES,
     TENSOR_METHODS,
     _register_builtins,
@@ -24,6 +26,8 @@ _register_builtins()
 del _register_builtins
 
 __all__ = [
+    "ALL_BASELINES",
+    "ALTI",
     "BASELINES",
     "INTRA_LAYER",
     "TENSOR_METHODS",

@@ -15,8 +15,9 @@ def rollout(
 
     Each layer's map is row-normalized; with ``add_identity`` it becomes ``0.5·Â + 0.5·I`` (the
     authors' way to account for the residual connection, rows still sum to 1). Maps that already
-    contain the residual (W-AttnResLN, GlbEnc) are rolled out without the identity, as Modarressi
-    et al. 2022 do: adding it again would count the residual twice.
+    contain the residual (W-AttnResLN, GlbEnc, ALTI) are rolled out without the identity, as
+    Modarressi et al. 2022 and Ferrando et al. 2022 do: adding it again would count the residual
+    twice.
 
     Example:
         >>> a = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])

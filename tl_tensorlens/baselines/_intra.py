@@ -13,6 +13,12 @@ Four aggregations of one attention layer, from the least to the most complete:
 * ``"globenc"``: Modarressi et al. 2022 (GlobEnc, Sec. 3): also the second norm of the layer,
   applied to the ResLN pieces with the scale of the real layer output; the FFN is skipped
   (it is nonlinear), the same skip as the authors' code.
+* ``"alti"``: Ferrando et al. 2022 (ALTI, "Measuring the Mixing of Contextual Information in the
+  Transformer"; checked against the authors' ``src/contributions.py`` and ``normalize_contributions``
+  with ``scaling="min_sum"``): the ResLN pieces ``T_i(x_j)`` and their resultant ``y_i = Σ_j T_i(x_j)
+  + (bias terms)`` (for BERT the real ``ln1`` output, b_O and β included); the contribution of j
+  to i is ``max(0, ‖y_i‖₁ - ‖y_i - T_i(x_j)‖₁)``: how much closer to the output a piece is than
+  the zero vector, in the Manhattan distance. Rows are normalized by the cross-layer step.
 
 Adaptation to the families TransformerLens supports (the papers only treat BERT post-LN):
 
@@ -29,7 +35,11 @@ Adaptation to the families TransformerLens supports (the papers only treat BERT 
   ``ln_final`` after the last block; ``ln2``'s output only feeds the skipped FFN).
   Gemma-2/3 sandwich norms: ``ln1_post`` (per destination token, linear once frozen) is applied to
   the attention pieces before the residual is added, so the pieces still sum to ``resid_mid``.
-* **Gated MLPs**: irrelevant here; every baseline skips the MLP (GlbEnc included, as in its paper).
+  ALTI's resultant is then ``resid_mid = x_i + attn_out_i`` (b_O, and Gemma's ``ln1_post``, as
+  bias terms), the same choice as Ferrando & Voita 2024 ("Information flow routes") for decoders;
+  in a parallel block it is ``x_i + attn_out_i`` with the MLP left out.
+* **Gated MLPs**: irrelevant here; every baseline skips the MLP (GlbEnc and ALTI included, as in
+  their papers).
 * **GQA**: ``hook_v`` has ``n_key_value_heads`` heads; query head ``h`` uses kv group
   ``h // (n_heads // n_key_value_heads)`` (TL's ``repeat_interleave``).
 """
@@ -51,8 +61,8 @@ from tl_tensorlens.baselines._common import (
 )
 from tl_tensorlens.errors import TensorLensError
 
-IntraLayer = Literal["attn", "w_attn", "w_attn_res_ln", "globenc"]
-INTRA_LAYER: tuple[str, ...] = ("attn", "w_attn", "w_attn_res_ln", "globenc")
+IntraLayer = Literal["attn", "w_attn", "w_attn_res_ln", "globenc", "alti"]
+INTRA_LAYER: tuple[str, ...] = ("attn", "w_attn", "w_attn_res_ln", "globenc", "alti")
 
 
 def _value_vectors(model: Any, acts: Mapping[str, Tensor], layer: int) -> Float[Tensor, "pos head d_model"]:
@@ -103,6 +113,61 @@ def _res_pieces(model: Any, acts: Mapping[str, Tensor], layer: int) -> Float[Ten
     return _add_residual(z, x)
 
 
+def alti_pieces(
+    model: Any, acts: Mapping[str, Tensor], layer: int
+) -> tuple[Float[Tensor, "pos_out pos_in d_model"], Float[Tensor, "pos_out d_model"]]:
+    """ALTI's transformed vectors ``T_i(x_j)`` and their resultant ``y_i`` for one layer.
+
+    ``y_i = Σ_j T_i(x_j) + bias_i`` is the real output of the sublayer ALTI analyses: for BERT
+    post-LN the ``ln1`` output (``bias_i = L_i(b_O) + β``, as ``resultant`` in the authors' code),
+    for pre-LN decoders ``resid_mid`` (``bias_i = b_O``, through ``ln1_post`` where the model has
+    one). The bias takes part in the resultant but is no token's contribution.
+    """
+    pieces = _res_pieces(model, acts, layer)
+    n, d = pieces.shape[0], pieces.shape[-1]
+    b_o = getattr(model.blocks[layer].attn, "b_O", None)
+    bias = torch.zeros(n, 1, d, dtype=pieces.dtype, device=pieces.device)
+    if isinstance(b_o, Tensor):
+        bias = bias + b_o.detach().to(pieces.dtype).reshape(1, 1, d)
+    if submodule_or_none(model, f"blocks.{layer}.ln1_post") is not None:
+        bias = norm_linear_part(model, acts, f"blocks.{layer}.ln1_post", bias)
+    if is_post_ln(model):
+        pieces = norm_linear_part(model, acts, f"blocks.{layer}.ln1", pieces)
+        bias = norm_linear_part(model, acts, f"blocks.{layer}.ln1", bias)
+        beta = getattr(submodule_or_none(model, f"blocks.{layer}.ln1"), "b", None)
+        if isinstance(beta, Tensor):
+            bias = bias + beta.detach().to(pieces.dtype)
+    return pieces, pieces.sum(1) + bias[:, 0]
+
+
+def alti_map(
+    pieces: Float[Tensor, "pos_out pos_in d_model"], whole: Float[Tensor, "pos_out d_model"]
+) -> Float[Tensor, "pos_out pos_in"]:
+    """ALTI contributions ``max(0, ‖y_i‖₁ - ‖y_i - T_i(x_j)‖₁)`` (Ferrando et al. 2022), not yet
+    row-normalized. A zero piece (a masked, future token) gets exactly 0.
+
+    Where the bias terms dominate ``y_i`` so that every piece is farther from it than the zero
+    vector, the row would be all zeros (NaN after the authors' normalization) and would erase
+    everything downstream in the rollout. Such a row puts its mass on the diagonal instead: the
+    residual stream is the one path that always carries token i. Random-init models with large
+    biases hit this; trained models rarely do.
+
+    Example:
+        >>> pieces = torch.tensor([[[3.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]])
+        >>> alti_map(pieces, torch.tensor([[3.0, 1.0], [-5.0, 0.0]]))  # ‖y‖₁ = 4; distances 1, 3
+        tensor([[3., 1.],
+                [0., 1.]])
+    """
+    whole_norm = whole.abs().sum(-1, keepdim=True)
+    distance = (whole[:, None, :] - pieces).abs().sum(-1)
+    contrib = (whole_norm - distance).clamp(min=0)
+    empty = contrib.sum(-1) == 0
+    if bool(empty.any()) and contrib.shape[0] == contrib.shape[1]:
+        idx = torch.nonzero(empty).flatten()
+        contrib[idx, idx] = 1.0
+    return contrib
+
+
 def _res_ln_norm_name(model: Any, layer: int) -> str | None:
     """The first norm that reads ``x + attn`` in a pre-LN model (module docstring, per family)."""
     cfg = model.cfg
@@ -129,7 +194,8 @@ def layer_maps(model: Any, state: Any, kind: IntraLayer) -> Float[Tensor, "layer
     Args:
         model: HookedTransformer, HookedEncoder (or a Bridge with TL hook names and weights).
         state: a ``FrozenState`` or the ``run_with_cache`` dict of one forward (batch 1).
-        kind: ``"attn"``, ``"w_attn"``, ``"w_attn_res_ln"`` or ``"globenc"`` (module docstring).
+        kind: ``"attn"``, ``"w_attn"``, ``"w_attn_res_ln"``, ``"globenc"`` or ``"alti"`` (module
+            docstring).
 
     Returns:
         ``[n_layers, pos_out(dest), pos_in(src)]``, nonnegative, not row-normalized.
@@ -155,6 +221,9 @@ def layer_maps(model: Any, state: Any, kind: IntraLayer) -> Float[Tensor, "layer
             continue
         if kind == "w_attn":
             maps.append(_weighted_pieces(model, acts, layer).norm(dim=-1))
+            continue
+        if kind == "alti":
+            maps.append(alti_map(*alti_pieces(model, acts, layer)))
             continue
         pieces = _res_pieces(model, acts, layer)
         if is_post_ln(model):

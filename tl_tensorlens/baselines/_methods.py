@@ -24,13 +24,17 @@ BASELINES: tuple[str, ...] = (
     "w_attn_res_ln_mean",
     "globenc_mean",
 )
+#: ALTI (Ferrando et al. 2022): not among the paper's eight, registered beside them.
+ALTI = "alti_rollout"
+#: Every attention-aggregation baseline: the paper's eight, then ALTI.
+ALL_BASELINES: tuple[str, ...] = (*BASELINES, ALTI)
 #: The tensor collapses (Norm, In+Out, In+Class), registered under the same signature.
 TENSOR_METHODS: tuple[str, ...] = ("tensor_norm", "tensor_in_out", "tensor_in_class")
 
 
 def _make_baseline(intra: str, cross: str) -> Any:
     # Maps that already hold the residual must not get Abnar's 0.5·I added on top.
-    has_residual = intra in ("w_attn_res_ln", "globenc")
+    has_residual = intra in ("w_attn_res_ln", "globenc", "alti")
 
     def method(
         model: Any, state: Any, *, position: int | None = None, target: Any = None
@@ -136,8 +140,9 @@ def _register_builtins() -> None:
         "w_attn": "value-weighted norms (Kobayashi et al. 2020)",
         "w_attn_res_ln": "+ residual and norm (Kobayashi et al. 2021)",
         "globenc": "+ second norm (Modarressi et al. 2022, GlobEnc)",
+        "alti": "L1 contributions to the ResLN output (Ferrando et al. 2022, ALTI)",
     }
-    for name in BASELINES:
+    for name in ALL_BASELINES:
         intra, cross = name.rsplit("_", 1)
         register_method(name, _make_baseline(intra, cross), description=f"{descriptions[intra]}, {cross}")
     register_method("tensor_norm", make_tensor_method("norm"), description="TensorLens Norm (Eq. 21)")
