@@ -24,6 +24,8 @@ def norm_matrix(model, state: FrozenState, module_path: str) -> Tensor:
     D = x0.shape[-1]
     w = getattr(mod, "w", None)
     w = torch.ones(D, dtype=x0.dtype) if w is None else w.detach()
+    if state.backend == "bridge" and getattr(model.cfg, "rmsnorm_uses_offset", False):
+        w = 1 + w  # Gemma's HF RMSNorm scales by (1 + weight); HookedTransformer folds the 1 in
     C = _eye(D, x0) - (1.0 / D if norm_type in ("LN", "LNPre") else 0.0) * torch.ones(D, D, dtype=x0.dtype)
     # row-major vec: y_n = x_n C diag(w)/s_n as rows -> matrix acting on column x_n is diag(w) C / s_n
     return torch.block_diag(*[torch.diag(w) @ C / s_i for s_i in s])
@@ -73,13 +75,16 @@ def block_matrix(model, state: FrozenState, layer: int) -> Tensor:
     arch = getattr(cfg, "original_architecture", None) or ""
     if arch.startswith("Olmo2") or arch.startswith("Olmo3"):
         return (eye + ln("ln2") @ mlp_matrix(model, state, layer)) @ (eye + ln("ln1") @ attn)
+    # Sandwich norms (Gemma-2/3): the HookedTransformer config says so; a Bridge's config may not
+    # (Gemma-2 reports use_normalization_before_and_after=False), but its blocks hold the modules.
+    sandwich = bool(cfg.use_normalization_before_and_after) or f"{p}.ln1_post.hook_scale" in state.frozen
     attn_path = attn @ ln("ln1")
-    if cfg.use_normalization_before_and_after:
+    if sandwich:
         attn_path = ln("ln1_post") @ attn_path
     if cfg.attn_only:
         return eye + attn_path
     mlp_path = mlp_matrix(model, state, layer) @ ln("ln2")
-    if cfg.use_normalization_before_and_after:
+    if sandwich:
         mlp_path = ln("ln2_post") @ mlp_path
     if cfg.parallel_attn_mlp:
         return eye + attn_path + mlp_path

@@ -280,7 +280,7 @@ def test_same_weights_give_the_same_tensor_on_both_backends(name, tmp_path):
     assert _rel(lenses[1].bias, lenses[0].bias) <= 1e-10
 
 
-@pytest.mark.parametrize("name", ["gpt2", "neox", "llama_gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "neox", "llama_gqa", "gemma2", "gemma3"])
 def test_bridge_full_matches_independent_dense_construction(name):
     """The dense reference reads TL-shaped weights (``blocks[l].attn.W_V`` ...), which the Bridge
     exposes too, so this runs on TL 4.3 as well."""
