@@ -20,7 +20,7 @@ for line in $LINES; do
   "$venv/bin/python" -c "import importlib.metadata as m; print('transformer_lens', m.version('transformer_lens'), 'torch', m.version('torch'))"
   if [ "$line" = "tl39" ]; then
     "$venv/bin/ruff" check .
-    "$venv/bin/ruff" format --check tl_tensorlens tests
+    "$venv/bin/ruff" format --check tl_tensorlens tests demos scripts benchmarks conftest.py
     "$venv/bin/pyright" --pythonpath "$venv/bin/python"
   fi
   # pytest exits 5 when it collects nothing: set -e turns that (and every failure) into a failed run.
