@@ -1,4 +1,4 @@
-"""Real subjects: offline loading of local checkpoints (MiniLM), a polarity head, and decoders trained with known ground truth."""
+"""Real subjects: offline loading of local checkpoints (MiniLM), a polarity head, decoders trained with known ground truth, and a WikiText-2 language model built locally."""
 
 from tl_tensorlens.subjects.induction import (
     InductionBatch,
@@ -38,6 +38,15 @@ from tl_tensorlens.subjects.relation_model import (
     relation_specs,
     train_relations,
 )
+from tl_tensorlens.subjects.wikitext import (
+    WikiTextConfig,
+    build_wikitext_subject,
+    evaluate_wikitext,
+    heldout_windows,
+    load_wikitext,
+    train_wikitext,
+    wikitext_cache_dir,
+)
 
 __all__ = [
     "Fact",
@@ -47,10 +56,14 @@ __all__ = [
     "RelationConfig",
     "Subject",
     "SubjectInfo",
+    "WikiTextConfig",
+    "build_wikitext_subject",
     "cls_features",
     "evaluate_induction",
     "evaluate_relations",
+    "evaluate_wikitext",
     "few_shot_prompt",
+    "heldout_windows",
     "final_hidden_hook",
     "induction_batch",
     "list_subjects",
@@ -61,6 +74,7 @@ __all__ = [
     "load_relation_specs",
     "load_subject",
     "load_tokenizer",
+    "load_wikitext",
     "make_facts",
     "minilm_path",
     "relation_specs",
@@ -68,4 +82,6 @@ __all__ = [
     "train_induction",
     "train_polarity",
     "train_relations",
+    "train_wikitext",
+    "wikitext_cache_dir",
 ]

@@ -13,9 +13,10 @@ import torch
 if TYPE_CHECKING:
     from tl_tensorlens.subjects.induction import InductionConfig
     from tl_tensorlens.subjects.relation_model import RelationConfig
+    from tl_tensorlens.subjects.wikitext import WikiTextConfig
 
-    #: A subject's model size and training recipe (the fields both configs share).
-    Recipe = InductionConfig | RelationConfig
+    #: A subject's model size and training recipe (the fields the configs share).
+    Recipe = InductionConfig | RelationConfig | WikiTextConfig
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 

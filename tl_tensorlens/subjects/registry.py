@@ -50,6 +50,12 @@ _SUBJECTS: dict[str, SubjectInfo] = {
             "BertModel + linear head",
             "sentence polarity v1.0 labels (held-out test split)",
         ),
+        SubjectInfo(
+            "wikitext",
+            "2-layer GPT-2 (d_model 128) word-level LM trained here on WikiText-2 raw; built locally, not shipped",
+            "GPT2LMHeadModel",
+            "none (natural text); held-out loss and accuracy in metrics.json",
+        ),
     )
 }
 
@@ -80,7 +86,7 @@ def list_subjects() -> list[SubjectInfo]:
 
     Example:
         >>> [s.name for s in list_subjects()]
-        ['induction', 'relations', 'minilm', 'polarity']
+        ['induction', 'relations', 'minilm', 'polarity', 'wikitext']
     """
     return list(_SUBJECTS.values())
 
@@ -91,7 +97,8 @@ def _check_name(name: str) -> None:
 
 
 def subject_path(name: str) -> Path:
-    """The checkpoint folder of a named subject (``minilm``/``polarity``: MiniLM's folder).
+    """The checkpoint folder of a named subject (``minilm``/``polarity``: MiniLM's folder;
+    ``wikitext``: its build folder in the cache, which may not exist yet).
 
     Example:
         >>> subject_path("induction").name
@@ -100,6 +107,10 @@ def subject_path(name: str) -> Path:
     _check_name(name)
     if name in ("minilm", "polarity"):
         return minilm_path()
+    if name == "wikitext":
+        from tl_tensorlens.subjects.wikitext import wikitext_cache_dir
+
+        return wikitext_cache_dir()
     return CHECKPOINT_DIR / name
 
 
@@ -133,22 +144,26 @@ def load_subject(
     backend: Backend = "auto",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    build: bool = False,
 ) -> Subject:
     """Load a named subject into TransformerLens, offline.
 
     Args:
-        name: ``"induction"``, ``"relations"``, ``"minilm"`` or ``"polarity"`` (MiniLM plus
-            its head).
+        name: ``"induction"``, ``"relations"``, ``"minilm"``, ``"polarity"`` (MiniLM plus
+            its head) or ``"wikitext"`` (built locally, see ``build``).
         backend: ``"auto"``, ``"hooked"`` (TL 3.x) or ``"bridge"``; see
             :func:`tl_tensorlens.subjects.load_local`.
         dtype: parameter dtype (float64 for exactness checks).
         device: where the model lives.
+        build: for ``"wikitext"``: train it into its cache folder first if it is not there
+            (a few minutes; needs the WikiText-2 raw text). Without it a missing build raises.
 
     Returns:
         A :class:`Subject`.
 
     Raises:
-        TensorLensError: unknown name, or MiniLM's package missing.
+        TensorLensError: unknown name, MiniLM's package missing, or the wikitext subject not
+            built (the message gives the command).
 
     Example:
         >>> s = load_subject("induction", backend="bridge")
@@ -156,6 +171,16 @@ def load_subject(
         (2, True)
     """
     path = subject_path(name)
+    if name == "wikitext" and not (path / "config.json").is_file():
+        if not build:
+            raise TensorLensError(
+                f"the wikitext subject is built locally, not shipped, and {path} holds no build: run "
+                "`python scripts/train_wikitext.py` or load_subject('wikitext', build=True) "
+                "(a few minutes; needs <data>/text/wikitext-2-raw-test.txt)"
+            )
+        from tl_tensorlens.subjects.wikitext import build_wikitext_subject
+
+        build_wikitext_subject(path)
     model = load_local(path, backend=backend, dtype=dtype, device=device)
     if name == "polarity":
         head = load_polarity_head()
