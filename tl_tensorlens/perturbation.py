@@ -569,7 +569,7 @@ def plot_curves(summaries: Sequence[MethodSummary], *, metric: Literal["accuracy
     from matplotlib.figure import Figure
 
     dirs = [d for d in ("positive", "negative") if any(s.direction == d for s in summaries)]
-    fig = Figure(figsize=(5.5 * len(dirs), 4.2), layout="constrained")
+    fig = Figure(figsize=(5.5 * len(dirs) + 1.8, 4.2), layout="constrained")
     axes = fig.subplots(1, len(dirs), squeeze=False)[0]
     # One fixed, distinct colour per method (the default 10-colour cycle repeats past 10 methods).
     methods = list(dict.fromkeys(s.method for s in summaries))
@@ -586,5 +586,6 @@ def plot_curves(summaries: Sequence[MethodSummary], *, metric: Literal["accuracy
         ax.set_xlabel("% of tokens masked")
         ax.set_ylabel("prediction unchanged" if metric == "accuracy" else "p(original prediction)")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="best")
+    # Outside the panels: with a dozen methods a legend inside always hides some curve.
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig

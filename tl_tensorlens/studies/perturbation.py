@@ -2,8 +2,10 @@
 
 Encoder: the real all-MiniLM-L6-v2 with the project's linear polarity head on [CLS], held-out
 sentence-polarity test sentences, [MASK] replacement. Decoder: the project-trained induction model
-on repeated-segment sequences cut at a repeat position, ``<unk>`` replacement. All 8 baselines, the
-3 tensor collapses and a random control, positive and negative perturbation, bootstrap CIs.
+on repeated-segment sequences cut at a repeat position, ``<unk>`` replacement; and the project's
+WikiText-2 language model (built into its cache folder on first use) on held-out windows. All 8
+baselines, the 3 tensor collapses and a random control, positive and negative perturbation,
+bootstrap CIs.
 ALTI (Ferrando et al. 2022) runs beside the 8 paper baselines.
 
 Rows go to ``--work-dir`` (JSONL, resumable: rerun the same command after an interruption).
@@ -51,10 +53,13 @@ def build_parser(repo: Path | None = None) -> argparse.ArgumentParser:
     work_dir = repo / ".cache" / "perturbation" if repo is not None else Path("perturbation")
     docs = str(repo / "docs" / "perturbation.md") if repo is not None else None
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--subjects", default="polarity,induction", help="comma list: polarity, induction")
+    p.add_argument(
+        "--subjects", default="polarity,induction,wikitext", help="comma list: polarity, induction, wikitext"
+    )
     p.add_argument("--n-sentences", type=int, default=500, help="held-out polarity sentences")
     p.add_argument("--n-norm", type=int, default=100, help="sentences that also get the exact tensor_norm")
     p.add_argument("--n-decoder", type=int, default=300, help="induction sequences")
+    p.add_argument("--n-wikitext", type=int, default=200, help="held-out WikiText windows")
     p.add_argument("--fractions", default="0,0.05,0.1,0.15,0.2,0.25,0.3")
     p.add_argument("--n-bootstrap", type=int, default=1000)
     p.add_argument("--work-dir", default=str(work_dir), help="resumable JSONL rows (default: %(default)s)")
@@ -177,6 +182,37 @@ def _induction(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[
     return rows, desc, hit_rate
 
 
+def _wikitext(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    from tl_tensorlens.subjects import WikiTextConfig, heldout_windows, load_subject
+    from tl_tensorlens.subjects.wikitext import BOS_ID, UNK_ID
+
+    # Trains the subject into its cache folder first if it is not built (a few minutes).
+    subject = load_subject("wikitext", backend="auto", build=True)
+    model = subject.model.eval()
+    n_ctx = int(model.cfg.n_ctx)
+    held = heldout_windows(model.tokenizer, WikiTextConfig(n_ctx=n_ctx))
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(held.shape[0], generator=gen)[: args.n_wikitext]
+    examples = []
+    for k, i in enumerate(order.tolist()):
+        # a random cut, so the explained prediction sits at a random depth of the window
+        p = int(torch.randint(15, n_ctx, (1,), generator=gen))
+        examples.append(Example(f"wt{k}", held[i, :p].clone()))
+    conf = PerturbationConfig(mask_token_id=UNK_ID, special_token_ids=(BOS_ID,), **conf_kw)
+    path = Path(args.work_dir) / f"wikitext_{conf.key()}.jsonl"
+    rows = _run(
+        model, examples, NextTokenReadout(), conf, path, METHODS, len(examples), not args.no_progress, args.notes
+    )
+    m = subject.metrics
+    desc = (
+        f"project-trained WikiText-2 word-level LM (2-layer GPT-2, d_model {model.cfg.d_model}, held-out "
+        f"perplexity {m.get('heldout_perplexity', float('nan')):.0f}, top-1 {m.get('heldout_acc', float('nan')):.3f}), "
+        f"{len(examples)} windows of held-out articles cut at a random length 15-{n_ctx - 1}; the model's own "
+        "next-token prediction at the last position; <unk> replacement"
+    )
+    return rows, desc
+
+
 def _section(
     name: str,
     desc: str,
@@ -237,6 +273,9 @@ def main(argv: Sequence[str] | None = None, *, repo: Path | None = None) -> int:
         elif subject == "induction":
             rows, desc, hits = _induction(args, conf_kw)
             sections.append(_section("induction", desc, rows, args, docs_dir, hits))
+        elif subject == "wikitext":
+            rows, desc = _wikitext(args, conf_kw)
+            sections.append(_section("wikitext", desc, rows, args, docs_dir))
         else:
             print(f"unknown subject {subject!r}", file=sys.stderr)
             return 2
