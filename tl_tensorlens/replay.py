@@ -162,13 +162,19 @@ def _stasher(stash: dict[str, Tensor], key: str) -> Callable[..., None]:
     return hook
 
 
+def _take(stash: dict[str, Tensor], key: str, hook: Any, missing: str) -> Tensor:
+    """Pop what an earlier hook of the same forward stashed; a library error names the hook."""
+    value = stash.pop(key, None)
+    if value is None:
+        raise ReplayError(f"hook '{hook.name}': {missing}")
+    return value
+
+
 def _scale_live(ratio: Tensor, stash: dict[str, Tensor], key: str) -> Callable[..., Tensor]:
     """Return ``ratio * live`` where ``live`` is the value stashed earlier in the same forward."""
 
     def hook(act: Tensor, hook: Any) -> Tensor:
-        live = stash.pop(key, None)
-        if live is None:
-            raise ReplayError(f"hook '{hook.name}': the matching pre-activation hook did not fire first")
+        live = _take(stash, key, hook, "the matching pre-activation hook did not fire first")
         return _expand(ratio, live, hook.name) * live
 
     return hook
@@ -178,9 +184,7 @@ def _rebuild_z(pattern: Tensor, stash: dict[str, Tensor], key: str) -> Callable[
     """``z = pattern @ v`` for attention implementations whose ``hook_pattern`` only observes."""
 
     def hook(z: Tensor, hook: Any) -> Tensor:
-        v = stash.pop(key, None)
-        if v is None:
-            raise ReplayError(f"hook '{hook.name}': hook_v did not fire before hook_z")
+        v = _take(stash, key, hook, "hook_v did not fire before hook_z")
         if v.ndim != 4 or z.ndim != 4:
             raise ReplayError(
                 f"hook '{hook.name}': expected [batch, pos, head, d_head], got v {tuple(v.shape)}, z {tuple(z.shape)}"
