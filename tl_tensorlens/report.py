@@ -32,7 +32,14 @@ from tl_tensorlens.tensors import TensorLens
 
 #: Tensor collapses :func:`explain` computes itself (rows for every position).
 TENSOR_MAPS: tuple[str, ...] = ("tensor_norm", "tensor_in_out", "tensor_logit")
-DEFAULT_METHODS: tuple[str, ...] = ("tensor_norm", "tensor_in_out", "tensor_logit", "attn_rollout", "globenc_rollout")
+DEFAULT_METHODS: tuple[str, ...] = (
+    "tensor_norm",
+    "tensor_in_out",
+    "tensor_logit",
+    "attn_rollout",
+    "globenc_rollout",
+    "alti_rollout",
+)
 
 
 @dataclass(frozen=True)
