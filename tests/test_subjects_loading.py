@@ -176,6 +176,25 @@ def test_minilm_replay_exact_float64(backend: str):
     assert all(c.ok for c in verify_replay(model, tokens))
 
 
+def test_minilm_float32_verifies_on_real_sentences(backend: str):
+    """float32 on real weights: the default verification (1e-4) must not raise on rounding alone.
+    At t = 1e-3 cancellation reached 1.1e-4 on MiniLM, hence float32's scales (0.1, 1, 1e3)."""
+    from tl_tensorlens import TensorLens
+    from tl_tensorlens.replay import affinity_scales
+
+    from tl_tensorlens.subjects import load_minilm
+
+    assert affinity_scales(torch.float64) == (1e-3, 1.0, 1e3)
+    _minilm_or_skip()
+    model = load_minilm(backend=backend)
+    tok = model.tokenizer
+    for sentence in _polarity_sentences_or_skip(8):
+        tokens = torch.tensor(tok(sentence, truncation=True, max_length=64)["input_ids"])
+        TensorLens.from_model(model, tokens, output="resid_post")  # verifies; raises on failure
+        (check,) = verify_replay(model, tokens, outputs=("resid_post",))
+        assert check.affine_error < 1e-5 and check.reproduction_error < 1e-5, check
+
+
 def test_load_local_errors(tmp_path: Path):
     with pytest.raises(TensorLensError, match="config.json"):
         load_local(tmp_path)
