@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tensors.py"
+REAL_SCRIPT = SCRIPT.with_name("bench_norm_real.py")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_tensors", SCRIPT)
+def _load(script: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -47,3 +48,16 @@ def test_flop_model_and_spearman():
     a = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert bench.spearman(a, a) == pytest.approx(1.0)
     assert bench.spearman(a, -a) == pytest.approx(-1.0)
+
+
+def test_bench_norm_real_runs_on_the_committed_induction_model(tmp_path, capsys):
+    bench = _load(REAL_SCRIPT)
+    out = tmp_path / "real.json"
+    assert bench.main(["--subjects", "induction", "--n", "1", "--ks", "4,64", "--out", str(out)]) == 0
+    assert "| induction | 1 |" in capsys.readouterr().out
+    (res,) = json.loads(out.read_text())["results"]
+    few, many = res["randomized"]
+    assert res["exact_seconds"] > 0 and few["seconds"] > 0
+    for r in (few, many):
+        assert 0.5 < r["rho"] <= 1.0 and 0.0 <= r["within_2se"] <= 1.0
+    assert many["median_rel_err"] < few["median_rel_err"]  # more probes, closer estimates

@@ -181,7 +181,6 @@ def test_minilm_float32_verifies_on_real_sentences(backend: str):
     At t = 1e-3 cancellation reached 1.1e-4 on MiniLM, hence float32's scales (0.1, 1, 1e3)."""
     from tl_tensorlens import TensorLens
     from tl_tensorlens.replay import affinity_scales
-
     from tl_tensorlens.subjects import load_minilm
 
     assert affinity_scales(torch.float64) == (1e-3, 1.0, 1e3)
