@@ -30,6 +30,7 @@ import torch
 
 from tl_tensorlens import TensorLens
 from tl_tensorlens.errors import TensorLensError
+from tl_tensorlens.replay import OutputPoint
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,7 +41,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def prompts(subject: str, n: int, build: bool) -> tuple[Any, list[torch.Tensor], str]:
+def prompts(subject: str, n: int, build: bool) -> tuple[Any, list[torch.Tensor], OutputPoint]:
     """The model, ``n`` token prompts ``[1, pos]`` and the tensor's output point for a subject."""
     from tl_tensorlens.subjects import load_subject
 

@@ -142,11 +142,11 @@ def measure(fn: Callable[[], Any]) -> Measure:
 def matmul_gflops(threads: int, n: int = 1024, repeat: int = 5) -> float:
     """This machine's float32 matmul GFLOP/s (best of ``repeat`` n x n products)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    _ = a @ b  # warm-up
     best = math.inf
     for _ in range(repeat):
         t0 = time.perf_counter()
-        a @ b
+        _ = a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -313,7 +313,7 @@ def run_case(case: Case, backend: str, peak_gflops: float, log: Callable[[str], 
 
 # ------------------------------------------------------------------------------------------ main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--size", choices=("tiny", "small", "full"), default="small")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tl_tensorlens.plotting import plot_map_grid, plot_method_comparison, token_labels
     from tl_tensorlens.subjects import induction_batch, load_subject
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--n", type=int, default=8, help="held-out sequences")
     p.add_argument("--seq-len", type=int, default=17, help="odd: <bos> + two copies")
     p.add_argument("--out", default="out/induction")
@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state = capture(model, tokens)
         lens = TensorLens.from_state(model, state, output="ln_final")
         rows = batch.is_repeat[b].nonzero()[:, 0].tolist()
+        assert state.logits is not None  # a decoder returns logits
         pred = state.logits[0].argmax(-1)
         maps = {
             "tensor_logit": lens.collapse("logit", token=pred, positions=rows),

@@ -32,13 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tl_tensorlens.subjects import induction_batch, load_subject
     from tl_tensorlens.workflows import (
         LogitDiff,
+        PatchingKind,
         frozen_component_patching,
         linearized_patching,
         predict_patching,
         tensor_logit_lens,
     )
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--segment", type=int, default=8, help="segment length L (prompt: 2L tokens)")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--out", default="out/patching")
@@ -84,7 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 2. TL's patching on the linearized model, and the tensor's prediction of it
     metric = LogitDiff(position=-1, good=answer)
     print("\n## Activation patching on the linearized model (metric: logit of the answer)")
-    for kind, xlabel, idx in (("resid_pre", "position", labels), ("head_all_pos", "head", None)):
+    kinds: tuple[tuple[PatchingKind, str, list[str] | None], ...] = (
+        ("resid_pre", "position", labels),
+        ("head_all_pos", "head", None),
+    )
+    for kind, xlabel, idx in kinds:
         tl = linearized_patching(model, clean_state, corrupted, metric, kind=kind)
         pred = predict_patching(model, clean_state, corrupted, metric, kind=kind)
         # transformer_lens.patching stores results in float32: agreement is to float32 rounding

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tl_tensorlens.subjects import induction_batch, load_subject
     from tl_tensorlens.subjects.induction import BOS_ID
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--n", type=int, default=12, help="examples")
     p.add_argument("--methods", default="tensor_in_class,tensor_in_out,attn_rollout,globenc_rollout,random")
     p.add_argument("--out", default="out/perturbation")

@@ -17,7 +17,7 @@ from tl_tensorlens.cli import main as cli_main
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the demo's arguments and run the explain job; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--out", default="out/quickstart", help="report folder")
     p.add_argument("--prompt", default=None, help="prompt for the induction model (default: a repeated segment)")
     p.add_argument("--quick", action="store_true", help="skip the per-head grid (tests)")

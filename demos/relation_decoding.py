@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from tl_tensorlens.subjects import load_subject
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--relations", type=int, default=2, help="how many of the subject's relations")
     p.add_argument("--n-train", type=int, default=4)
     p.add_argument("--n-splits", type=int, default=2)

@@ -16,7 +16,7 @@ from tl_tensorlens.subjects.induction import InductionConfig, induction_card, tr
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train with the committed recipe (or a smaller one) and save model, card and metrics."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--steps", type=int, default=InductionConfig.steps)
     parser.add_argument("--d-model", type=int, default=InductionConfig.d_model)

@@ -16,7 +16,7 @@ from tl_tensorlens.subjects.polarity import PolarityConfig, save_polarity_head, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Compute frozen [CLS] features, fit the head, save it and ``polarity_metrics.json``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for polarity_head.safetensors")
     parser.add_argument("--seed", type=int, default=PolarityConfig.seed)
     parser.add_argument("--n-train", type=int, default=None, help="subsample (tests)")

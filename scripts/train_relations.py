@@ -21,7 +21,7 @@ from tl_tensorlens.subjects.relation_model import (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train with the committed recipe (or a smaller one); save model, facts, card, metrics."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--steps", type=int, default=RelationConfig.steps)
     parser.add_argument("--seed", type=int, default=RelationConfig.seed)
