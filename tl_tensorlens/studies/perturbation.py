@@ -95,17 +95,28 @@ def _run(
     progress: bool,
     notes: list[str],
 ) -> list[dict[str, Any]]:
-    reused = sum(1 for _ in open(path, encoding="utf-8")) if path.exists() else 0
+    before = _line_count(path)
     rows = run_perturbation(
         model, examples, [m for m in methods if m != "tensor_norm"], readout, conf, path, progress=progress
     )
     if "tensor_norm" in methods and n_norm > 0:
         rows += run_perturbation(model, examples[:n_norm], ["tensor_norm"], readout, conf, path, progress=progress)
+    # Rows are only ever appended, and only for the requested examples and methods, so what this
+    # call did not append it resumed. (The file may hold rows of other examples: not counted.)
+    reused = len(rows) - (_line_count(path) - before)
     if reused:
         # Say so: the report's wall time then covers only the rows this run added.
-        notes.append(f"{path.name}: {min(reused, len(rows))} of {len(rows)} rows resumed from an earlier run")
+        notes.append(f"{path.name}: {reused} of {len(rows)} rows resumed from an earlier run")
         print(notes[-1], flush=True)
     return rows
+
+
+def _line_count(path: Path) -> int:
+    """Rows in a results JSONL file (0 when it does not exist yet)."""
+    if not path.exists():
+        return 0
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for _ in fh)
 
 
 def _polarity(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
