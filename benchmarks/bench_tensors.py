@@ -4,7 +4,7 @@ What is measured, per model (random weights, float32, ``output="resid_post"``, l
 
 * one output slice ``T[i]`` (``[d_model, pos, d_model]``) with ``TensorLens.slice(i)`` and with
   ``torch.autograd.functional.jacobian`` (default loop and ``vectorize=True``) and
-  ``torch.func.jacrev`` applied to ``x -> replay._run(model, state, x[None], spec)[0, i]`` — the same
+  ``torch.func.jacrev`` applied to ``x -> replay.run(model, state, x[None], spec)[0, i]`` — the same
   frozen replay, so every method must agree (the max relative difference to the lens is reported);
 * wall time, peak memory and achieved GFLOP/s against this machine's measured float32 matmul
   GFLOP/s. The flop floor of a slice is ``d_model`` vector-Jacobian products. A VJP with respect to
@@ -195,7 +195,7 @@ def build_model(case: Case, backend: str) -> Any:
     else:
         import transformers
 
-        from tl_tensorlens._compat import bridge_from_hf
+        from tl_tensorlens._backend import bridge_from_hf
 
         hf = transformers.GPT2LMHeadModel(
             transformers.GPT2Config(
@@ -216,7 +216,7 @@ def build_model(case: Case, backend: str) -> Any:
 # ------------------------------------------------------------------------------------------ one case
 def run_case(case: Case, backend: str, peak_gflops: float, log: Callable[[str], None]) -> dict[str, Any]:
     from tl_tensorlens import TensorLens
-    from tl_tensorlens.replay import _run
+    from tl_tensorlens.replay import run
 
     model = build_model(case, backend)
     gen = torch.Generator().manual_seed(1)
@@ -228,7 +228,7 @@ def run_case(case: Case, backend: str, peak_gflops: float, log: Callable[[str], 
     lens.output  # noqa: B018 - warm-up: first replay pays one-off hook and allocator costs
 
     def f(x: torch.Tensor) -> torch.Tensor:
-        return _run(model, state, x[None], spec)[0, i]
+        return run(model, state, x[None], spec)[0, i]
 
     floor = case.d_model * VJP_FLOP_FACTOR * forward_flops(case, case.n_pos)
     methods: list[tuple[str, Callable[[], torch.Tensor]]] = [("lens.slice", lambda: lens.slice(i))]
@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     backend = args.backend
     if backend == "auto":
-        from tl_tensorlens._compat import has_hooked_transformer
+        from tl_tensorlens._backend import has_hooked_transformer
 
         backend = "hooked" if has_hooked_transformer() else "bridge"
     import transformer_lens  # noqa: F401 - version for the record

@@ -25,9 +25,9 @@ import torch
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; prints the hit rates and writes two figures under ``--out``."""
     from tl_tensorlens import TensorLens, capture
-    from tl_tensorlens.baselines import get_method
-    from tl_tensorlens.plotting import plot_map_grid, plot_method_comparison, token_labels
+    from tl_tensorlens.methods import get_method
     from tl_tensorlens.subjects import induction_batch, load_subject
+    from tl_tensorlens.viz.plots import plot_map_grid, plot_method_comparison, token_labels
 
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--n", type=int, default=8, help="held-out sequences")
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_subject("induction", dtype=torch.float64).model
     batch = induction_batch(args.n, args.seq_len, seed=2024)
     rollout = get_method("attn_rollout")
-    hits = {"tensor_logit": 0, "attn_rollout": 0}
+    hits = {"tensor_in_class": 0, "attn_rollout": 0}
     total = 0
     for b in range(args.n):
         tokens = batch.tokens[b : b + 1]
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert state.logits is not None  # a decoder returns logits
         pred = state.logits[0].argmax(-1)
         maps = {
-            "tensor_logit": lens.collapse("logit", token=pred, positions=rows),
+            "tensor_in_class": lens.collapse("in_class", token=pred, positions=rows),
             "attn_rollout": rollout(model, state)[rows],
         }
         for name, M in maps.items():
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if b == 0:
             labels = token_labels(model, tokens[0])
             full_maps = {
-                "tensor_logit (model's prediction)": lens.collapse("logit", token=pred),
+                "tensor_in_class (model's prediction)": lens.collapse("in_class", token=pred),
                 "tensor_in_out": lens.collapse("in_out"),
                 "attn_rollout": rollout(model, state),
             }

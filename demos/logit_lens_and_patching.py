@@ -28,16 +28,16 @@ import torch
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the three workflows on the induction model; prints tables, writes figures under ``--out``."""
     from tl_tensorlens import capture
-    from tl_tensorlens.plotting import plot_component_patching, plot_logit_lens, plot_patching, token_labels
-    from tl_tensorlens.subjects import induction_batch, load_subject
-    from tl_tensorlens.workflows import (
+    from tl_tensorlens.methods.logit_lens import tensor_logit_lens
+    from tl_tensorlens.methods.patching import (
         LogitDiff,
         PatchingKind,
         frozen_component_patching,
         linearized_patching,
         predict_patching,
-        tensor_logit_lens,
     )
+    from tl_tensorlens.subjects import induction_batch, load_subject
+    from tl_tensorlens.viz.plots import plot_component_patching, plot_logit_lens, plot_patching, token_labels
 
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--segment", type=int, default=8, help="segment length L (prompt: 2L tokens)")
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n## Tensor logit lens at the last position")
     print("| blocks | TL logit-lens top-1 | its logit (TL) | rebuilt from the tensor | top input |")
     print("|---|---|---|---|---|")
-    for k, layer in enumerate(ll.layers):
+    for k, layer in enumerate(ll.depths):
         t = int(ll.target[k, 0])
         top_in = int(ll.maps[k, 0].argmax())
         print(
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_layer = {
         layer: float(
             frozen_component_patching(
-                model, clean_state, corr_state, metric, variants=[("attention",)], layers=[layer]
+                model, clean_state, corr_state, metric, variants=[("attention",)], blocks=[layer]
             ).metric[0]
         )
         for layer in range(model.cfg.n_layers)

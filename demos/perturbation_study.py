@@ -20,7 +20,7 @@ import torch
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the small study; prints the table and writes the curves under ``--out``."""
-    from tl_tensorlens.perturbation import (
+    from tl_tensorlens.evaluation.perturbation import (
         Example,
         NextTokenReadout,
         PerturbationConfig,
@@ -28,9 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_perturbation,
         summarize,
     )
-    from tl_tensorlens.plotting import plot_perturbation_curves
     from tl_tensorlens.subjects import induction_batch, load_subject
     from tl_tensorlens.subjects.induction import BOS_ID
+    from tl_tensorlens.viz.plots import plot_perturbation_curves
 
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--n", type=int, default=12, help="examples")

@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prompt:
         cli += ["--prompt", args.prompt]
     if args.quick:
-        cli += ["--no-heads", "--methods", "tensor_in_out,tensor_logit,attn_rollout"]
+        cli += ["--no-heads", "--methods", "tensor_in_out,tensor_in_class,attn_rollout"]
     return cli_main(cli)
 
 

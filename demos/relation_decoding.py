@@ -21,15 +21,15 @@ import torch
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the small study; prints the table and writes the bar plot under ``--out``."""
-    from tl_tensorlens.relations import (
+    from tl_tensorlens.evaluation.relations import (
         PromptTokenizer,
         RelationStudyConfig,
-        plot_relation_results,
         relation_from_dict,
         results_table,
         run_relation_study,
     )
     from tl_tensorlens.subjects import load_subject
+    from tl_tensorlens.viz.plots import plot_relation_results
 
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--relations", type=int, default=2, help="how many of the subject's relations")
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config,
         tokenizer=PromptTokenizer.from_model(subject.model),
         model_name="relations",
-        results_path=out / "relations.jsonl",
+        out=out / "relations.jsonl",
         progress=False,
     )
     print(results_table(rows, metric="faithfulness", methods=config.methods()))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tl_tensorlens._compat import bridge_from_hf, has_hooked_transformer
+from tl_tensorlens._backend import bridge_from_hf, has_hooked_transformer
 
 HAS_HOOKED = has_hooked_transformer()
 

@@ -16,7 +16,8 @@ from tests.models import (
     hooked_model,
     hooked_model_cfg,
 )
-from tl_tensorlens.baselines import (
+from tl_tensorlens.errors import TensorLensError
+from tl_tensorlens.methods import (
     ALL_BASELINES,
     BASELINES,
     TENSOR_METHODS,
@@ -28,8 +29,7 @@ from tl_tensorlens.baselines import (
     rollout,
     unregister_method,
 )
-from tl_tensorlens.baselines._intra import _res_pieces, _weighted_pieces, alti_pieces
-from tl_tensorlens.errors import TensorLensError
+from tl_tensorlens.methods.attention import _res_pieces, _weighted_pieces, alti_pieces
 
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer/HookedEncoder need TransformerLens < 4")
 
@@ -213,7 +213,7 @@ def test_pieces_sum_to_the_residual(family):
         p = _res_pieces(model, acts, layer).sum(1)
         if "sandwich" in family:
             # ln1_post is applied piece-wise; its bias-free part of b_O is left out.
-            from tl_tensorlens.baselines._common import norm_linear_part
+            from tl_tensorlens.methods.attention import norm_linear_part
 
             b_part = norm_linear_part(
                 model, acts, f"blocks.{layer}.ln1_post", b_o.expand(1, TOKENS.shape[1], -1).transpose(0, 1)
@@ -228,7 +228,7 @@ def test_pieces_sum_to_the_residual(family):
 
 @needs_hooked
 def test_encoder_ln_pieces_sum_to_the_normalized_residual():
-    from tl_tensorlens.baselines._common import norm_linear_part
+    from tl_tensorlens.methods.attention import norm_linear_part
 
     model = encoder_model()
     acts = _cache(model)
@@ -313,7 +313,7 @@ def test_registry():
             register_method("ones_for_test", ones)
     finally:
         unregister_method("ones_for_test")
-    with pytest.raises(TensorLensError, match="no method named"):
+    with pytest.raises(TensorLensError, match="method='ones_for_test'.*registered method"):
         get_method("ones_for_test")
 
 
@@ -339,9 +339,9 @@ def test_tensor_methods_match_the_core_collapses():
     torch.testing.assert_close(row[n - 1], lens.collapse("norm", positions=[n - 1])[0])
     assert torch.isnan(row[: n - 1]).all()  # rows not asked for are NaN, never silently zero
     cls = get_method("tensor_in_class")(model, state, position=n - 1, target=7)
-    torch.testing.assert_close(cls[n - 1], lens.collapse("logit", token=7, positions=[n - 1])[0])
+    torch.testing.assert_close(cls[n - 1], lens.collapse("in_class", token=7, positions=[n - 1])[0])
     u = torch.randn(model.cfg.d_model, **F64)
     by_dir = get_method("tensor_in_class")(model, state, position=n - 1, target=u)
-    torch.testing.assert_close(by_dir[n - 1], lens.collapse("class", direction=u, positions=[n - 1])[0])
+    torch.testing.assert_close(by_dir[n - 1], lens.collapse("in_class", direction=u, positions=[n - 1])[0])
     with pytest.raises(TensorLensError, match="target"):
         get_method("tensor_in_class")(model, state, position=n - 1)

@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from tests.models import HAS_HOOKED, TOKENS, bridge_model, encoder_model, hooked_model
-from tl_tensorlens import UnsupportedModelError, capture
-from tl_tensorlens.bound import (
+from tl_tensorlens import ArgumentError, UnsupportedModelError, capture
+from tl_tensorlens.evaluation.bound import (
     ACTIVATION_SLOPE_BOUND,
     ApproximationReport,
     approximation_bound,
     approximation_error,
     check_bound_supported,
 )
-from tl_tensorlens.errors import ReplayError
 
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer/HookedEncoder exist only on TL 3.x")
 
@@ -141,7 +140,7 @@ def test_report_repr_table_and_shapes():
     assert len(report.table().splitlines()) == 2
     assert torch.allclose(report.scales, torch.tensor([1e-3], dtype=torch.float64))
     assert (report.tightness >= 1).all()
-    with pytest.raises(ReplayError, match="eps must be"):
+    with pytest.raises(ArgumentError, match="eps=.*n_eps, pos, d_model"):
         approximation_error(model, state, eps=torch.zeros(3, 4))
 
 

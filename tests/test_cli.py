@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from tests.test_plotting import check_png  # noqa: E402
-from tl_tensorlens._compat import has_hooked_transformer  # noqa: E402
+from tl_tensorlens._backend import has_hooked_transformer  # noqa: E402
 from tl_tensorlens.cli import main  # noqa: E402
 
 QUICK = ["--no-heads", "--no-interactive"]
@@ -56,11 +56,11 @@ def test_explain_default_model(tmp_path, capsys):
         check_png(png)
     data = json.loads((out / "maps.json").read_text())
     n = len(data["tokens"])
-    assert set(data["maps"]) >= {"tensor_norm", "tensor_in_out", "tensor_logit"}
+    assert set(data["maps"]) >= {"tensor_norm", "tensor_in_out", "tensor_in_class"}
     assert all(len(m) == n and len(m[0]) == n for m in data["maps"].values())
     assert data["logit_lens"]["max_error_vs_transformer_lens"] < 1e-3  # float32 model
     # the tensor points at the induction source: the token after the earlier occurrence of 't80'
-    row = data["maps"]["tensor_logit"][-1]
+    row = data["maps"]["tensor_in_class"][-1]
     assert data["tokens"][max(range(n), key=lambda j: row[j])] == "t27"
     html = (out / "index.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
@@ -93,7 +93,7 @@ def test_explain_bad_inputs(tmp_path, capsys):
     run_bad([], capsys, "choose a command")
     run_bad(["frobnicate"], capsys, "invalid choice")
     run_bad(["explain"], capsys, "--out")
-    run_bad(["explain", "--out", out, "--methods", "nope"], capsys, "unknown")
+    run_bad(["explain", "--out", out, "--methods", "nope"], capsys, "registered methods")
     run_bad(["explain", "--out", out, "--tokens", "1 x"], capsys, "integers")
     run_bad(["explain", "--out", out, "--tokens", "1 5000"], capsys, "outside the vocabulary")
     run_bad(["explain", "--out", out, "--tokens", " ".join(["5"] * 65)], capsys, "n_ctx=64")
@@ -144,20 +144,18 @@ def test_relations_quick(tmp_path, capsys):
 
 
 def test_study_defaults_follow_the_checkout(tmp_path):
-    """Installed, the studies default under the current directory; the checkout scripts keep theirs."""
+    """Installed, the studies default under the current directory (the package knows no checkout);
+    the checkout's wrapper scripts pass the repository's paths themselves."""
     from tl_tensorlens.studies import perturbation, relations
 
     installed = perturbation.build_parser().parse_args([])
     assert Path(installed.work_dir) == Path("perturbation") and installed.docs is None
     repo = Path(__file__).resolve().parents[1]
-    checkout = perturbation.build_parser(repo).parse_args([])
-    assert Path(checkout.work_dir) == repo / ".cache" / "perturbation"
-    assert Path(checkout.docs) == repo / "docs" / "perturbation.md"
     assert not Path(relations.build_parser().parse_args([]).results).is_absolute()
-    # the wrappers run from anywhere, with the checkout's defaults (COLUMNS: no wrapped help lines)
+    # the wrappers run from anywhere (COLUMNS: no wrapped help lines)
     env = {**os.environ, "COLUMNS": "1000"}
     for script, default in (
-        ("run_perturbation_study.py", repo / ".cache" / "perturbation"),
+        ("run_perturbation_study.py", ""),
         ("run_relations_study.py", ""),
     ):
         r = subprocess.run(
@@ -195,7 +193,9 @@ def test_report_html_opens_in_headless_chromium(tmp_path):
     if browser is None:
         pytest.skip("no Chromium on this machine (CI installs it)")
     out = tmp_path / "report"
-    assert main(["explain", "--out", str(out), "--methods", "tensor_in_out,tensor_logit", "--no-layers", *QUICK]) == 0
+    assert (
+        main(["explain", "--out", str(out), "--methods", "tensor_in_out,tensor_in_class", "--no-layers", *QUICK]) == 0
+    )
     r = subprocess.run(
         [
             browser,

@@ -31,7 +31,7 @@ def test_quickstart(tmp_path, capsys):
 def test_induction_circuit(tmp_path, capsys):
     assert _demo("induction_circuit").main(["--n", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    hit = float(out.split("tensor_logit")[1].split()[0])
+    hit = float(out.split("tensor_in_class")[1].split()[0])
     assert hit >= 0.9  # the tensor finds the copied token
     assert (tmp_path / "induction_maps.png").exists() and (tmp_path / "induction_heads.png").exists()
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tl_tensorlens import metrics
 from tl_tensorlens.errors import TensorLensError
+from tl_tensorlens.evaluation import metrics
 
 FR = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
 

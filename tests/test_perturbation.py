@@ -7,14 +7,13 @@ import torch
 
 from tests.models import HAS_HOOKED, encoder_model, hooked_model
 from tl_tensorlens.errors import TensorLensError
-from tl_tensorlens.perturbation import (
+from tl_tensorlens.evaluation.perturbation import (
     ClassifierReadout,
     Example,
     NextTokenReadout,
     PerturbationConfig,
     format_table,
     load_rows,
-    plot_curves,
     rank_positions,
     run_perturbation,
     summarize,
@@ -63,7 +62,7 @@ def test_rows_are_consistent_and_special_tokens_never_masked(tmp_path):
         n = state.activations["blocks.0.hook_resid_pre"].shape[1]
         return torch.arange(n, 0, -1, dtype=torch.float64).expand(n, n)  # BOS ranked first: must be skipped
 
-    from tl_tensorlens.baselines import register_method, unregister_method
+    from tl_tensorlens.methods import register_method, unregister_method
 
     register_method("spy_for_test", spy)
     try:
@@ -141,13 +140,17 @@ def test_killed_run_resumes_to_the_same_table(tmp_path):
     assert again == full and written == [1, 2, 3, 4]
 
 
-def test_other_configuration_in_the_file_is_refused(tmp_path):
+def test_configurations_share_a_file_without_mixing(tmp_path):
     model, readout, conf = _decoder_setup()
     path = tmp_path / "r.jsonl"
-    run_perturbation(model, _examples(1), ["attn_mean"], readout, conf, path, progress=False)
+    first = run_perturbation(model, _examples(1), ["attn_mean"], readout, conf, path, progress=False)
     other = PerturbationConfig(fractions=(0.0, 0.5), mask_token_id=MASK, special_token_ids=(BOS,))
-    with pytest.raises(TensorLensError, match="another configuration"):
-        run_perturbation(model, _examples(1), ["attn_mean"], readout, other, path, progress=False)
+    second = run_perturbation(model, _examples(1), ["attn_mean"], readout, other, path, progress=False)
+    assert {r["config"] for r in first} == {conf.key()} and {r["config"] for r in second} == {other.key()}
+    assert len(second) == 2 * len(other.fractions)
+    # the first configuration's rows are untouched and still resume without recomputation
+    again = run_perturbation(model, _examples(1), ["attn_mean"], readout, conf, path, progress=False)
+    assert again == first
 
 
 def test_encoder_classifier_summary_and_plot(tmp_path):
@@ -160,11 +163,13 @@ def test_encoder_classifier_summary_and_plot(tmp_path):
     methods = ["attn_rollout", "w_attn_res_ln_rollout", "tensor_in_out", "tensor_in_class", "random"]
     rows = run_perturbation(model, ex, methods, readout, conf, tmp_path / "e.jsonl", progress=False)
     summ = summarize(rows, n_resamples=50)
-    assert {(s.method, s.direction) for s in summ} == {(m, d) for m in methods for d in ("positive", "negative")}
+    assert {(s.method, s.order) for s in summ} == {(m, d) for m in methods for d in ("positive", "negative")}
     assert all(s.n_examples == 4 and s.accuracy_curve[0] == 1.0 for s in summ)
     table = format_table(summ)
     assert table.count("\n") == len(methods) + 1 and "tensor_in_class" in table
-    fig = plot_curves(summ)
+    from tl_tensorlens.viz.plots import plot_perturbation_curves
+
+    fig = plot_perturbation_curves(summ)
     assert type(fig).__name__ == "Figure" and len(fig.axes) == 2
 
 
@@ -173,13 +178,13 @@ def test_config_validation():
         PerturbationConfig()
     with pytest.raises(TensorLensError, match="increasing"):
         PerturbationConfig(fractions=(0.2, 0.1), mask_token_id=1)
-    with pytest.raises(TensorLensError, match="directions"):
-        PerturbationConfig(directions=("up",), mask_token_id=1)
+    with pytest.raises(TensorLensError, match="orders"):
+        PerturbationConfig(orders=("up",), mask_token_id=1)
     assert PerturbationConfig(mask_token_id=1).key() == PerturbationConfig(mask_token_id=1, batch_size=3).key()
 
 
 def test_rank_by_magnitude_changes_only_signed_orderings_and_keys():
-    from tl_tensorlens.perturbation import PerturbationConfig, rank_positions
+    from tl_tensorlens.evaluation.perturbation import PerturbationConfig, rank_positions
 
     signed = torch.tensor([0.0, -5.0, 0.1, 2.0, -0.2])
     # By value the most negative token is masked first in negative perturbation; by magnitude the

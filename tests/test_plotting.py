@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from tl_tensorlens import plotting  # noqa: E402
 from tl_tensorlens.errors import TensorLensError  # noqa: E402
+from tl_tensorlens.viz import plots as plotting  # noqa: E402
 
 TOK = ["<bos>", "the", "cat", "sat", "on", "the", "mat"]
 
@@ -69,7 +69,8 @@ def test_workflow_plots(tmp_path):
     if not HAS_HOOKED:
         pytest.skip("uses a HookedTransformer")
     from tests.models import hooked_model
-    from tl_tensorlens.workflows import LogitDiff, frozen_component_patching, tensor_logit_lens
+    from tl_tensorlens.methods.logit_lens import tensor_logit_lens
+    from tl_tensorlens.methods.patching import LogitDiff, frozen_component_patching
 
     model = hooked_model("gpt2")
     labels = plotting.token_labels(model, TOKENS[0])
@@ -111,8 +112,8 @@ def test_circuitsvis_html_is_offline():
 
 def test_import_does_not_load_optional_libraries():
     code = (
-        "import sys, tl_tensorlens, tl_tensorlens.workflows, tl_tensorlens.plotting, tl_tensorlens.cli, "
-        "tl_tensorlens.report\n"
+        "import sys, tl_tensorlens, tl_tensorlens.methods.patching, tl_tensorlens.viz.plots, tl_tensorlens.cli, "
+        "tl_tensorlens.viz.report\n"
         "bad = [m for m in ('matplotlib', 'circuitsvis', 'plotly') if m in sys.modules]\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -8,10 +8,8 @@ import pytest
 import torch
 
 from tests.models import hooked_model_cfg
-from tl_tensorlens._compat import has_hooked_transformer
-from tl_tensorlens.relations import (
-    LinearRelationEmbedding,
-    MeanTensor,
+from tl_tensorlens._backend import has_hooked_transformer
+from tl_tensorlens.evaluation.relations import (
     PromptAlignmentError,
     PromptFormat,
     PromptTokenizer,
@@ -28,17 +26,15 @@ from tl_tensorlens.relations import (
     load_relation,
     load_relations,
     load_results,
-    lre_example,
     make_split,
     most_common_length,
-    plot_relation_results,
-    read_model,
     results_table,
     run_relation_study,
     stack_tokens,
     summarize_results,
-    unembed,
 )
+from tl_tensorlens.methods.relations import LinearRelationEmbedding, MeanTensor, lre_example, read_model, unembed
+from tl_tensorlens.viz.plots import plot_relation_results
 
 needs_hooked = pytest.mark.skipif(not has_hooked_transformer(), reason="HookedTransformer needs TransformerLens < 4")
 LRE_DIR = default_data_dir() / "relations"
@@ -364,14 +360,14 @@ def test_study_end_to_end_resumable(tmp_path):
     tok = WordTokenizer.from_relations([TOY], d_vocab=60)
     cfg = RelationStudyConfig(n_train=3, n_splits=2, top_k_filter=60, betas=(1.0, 2.25), mean_tensor_ablation=True)
     path = tmp_path / "results.jsonl"
-    rows = run_relation_study(model, [TOY], cfg, tokenizer=tok, results_path=path, progress=False, model_name="tiny")
+    rows = run_relation_study(model, [TOY], cfg, tokenizer=tok, out=path, progress=False, model_name="tiny")
     assert {r["method"] for r in rows} == {"mean_tensor", "mean_tensor_nobias", "lre_b1", "lre_b2.25"}
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
     assert all(r["n_test"] == len(align_samples(TOY, tok)) - 3 for r in rows)
     assert all(0.0 <= r["faithfulness"] <= 1.0 for r in rows)
     assert len(load_results(path)) == 8
     # A rerun computes nothing new (the file does not grow) and returns the same rows.
-    again = run_relation_study(model, [TOY], cfg, tokenizer=tok, results_path=path, progress=False, model_name="tiny")
+    again = run_relation_study(model, [TOY], cfg, tokenizer=tok, out=path, progress=False, model_name="tiny")
     assert again == rows and len(load_results(path)) == 8
     # Another config is a different study: rows are added, not reused.
     run_relation_study(
@@ -379,7 +375,7 @@ def test_study_end_to_end_resumable(tmp_path):
         [TOY],
         RelationStudyConfig(n_train=2, n_splits=1, top_k_filter=60, betas=(1.0,)),
         tokenizer=tok,
-        results_path=path,
+        out=path,
         progress=False,
         model_name="tiny",
     )

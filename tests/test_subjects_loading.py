@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_tensorlens._compat import has_hooked_transformer
+from tl_tensorlens._backend import has_hooked_transformer
 from tl_tensorlens.errors import TensorLensError, UnsupportedModelError
 from tl_tensorlens.replay import verify_replay
 from tl_tensorlens.subjects import (

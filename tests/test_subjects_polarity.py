@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_tensorlens._compat import has_hooked_transformer
+from tl_tensorlens._backend import has_hooked_transformer
 from tl_tensorlens.errors import TensorLensError
 from tl_tensorlens.subjects import final_hidden_hook, load_polarity_data, load_polarity_head
 from tl_tensorlens.subjects.polarity import HEAD_FILE, PolarityHead, accuracy, fit_linear_head

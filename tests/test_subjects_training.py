@@ -9,7 +9,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from tl_tensorlens._compat import has_hooked_transformer
+from tl_tensorlens._backend import has_hooked_transformer
 from tl_tensorlens.errors import TensorLensError
 from tl_tensorlens.subjects import (
     InductionConfig,

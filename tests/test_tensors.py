@@ -7,7 +7,7 @@ import torch
 
 from tests.dense_reference import as_tensor4, attention_matrix, mlp_matrix, model_matrix, norm_matrix
 from tests.models import HAS_HOOKED, TOKENS, bridge_model, encoder_model, hooked_model
-from tl_tensorlens import MemoryBudgetError, ReplayError, TensorLens, capture
+from tl_tensorlens import ArgumentError, MemoryBudgetError, TensorLens, capture
 
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer/HookedEncoder exist only on TL 3.x")
 
@@ -153,17 +153,17 @@ def test_collapses_sum_to_what_they_should(name):
     assert torch.allclose(C.sum(1), lens.output - lens.bias, rtol=1e-10, atol=1e-12)
     # A class direction (e.g. a classifier head column) per output position.
     u = torch.randn(lens.d_out, dtype=torch.float64)
-    cls = lens.collapse("class", direction=u)
+    cls = lens.collapse("in_class", direction=u)
     assert torch.allclose(
-        cls.sum(-1) + lens.collapse_bias("class", direction=u), lens.output @ u, rtol=1e-10, atol=1e-12
+        cls.sum(-1) + lens.collapse_bias("in_class", direction=u), lens.output @ u, rtol=1e-10, atol=1e-12
     )
     # Rows subset.
     assert torch.allclose(lens.collapse("in_out", positions=[-1, 2]), io[[-1, 2]], rtol=1e-13, atol=1e-15)
     if output == "ln_final":
         tok = torch.arange(TOKENS.shape[1]) % 7 + 3
-        logit = lens.collapse("logit", token=tok)
+        logit = lens.collapse("in_class", token=tok)
         logits = lens.state.logits[0, torch.arange(len(tok)), tok]
-        assert torch.allclose(logit.sum(-1) + lens.collapse_bias("logit", token=tok), logits, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(logit.sum(-1) + lens.collapse_bias("in_class", token=tok), logits, rtol=1e-10, atol=1e-10)
 
 
 @needs_hooked
@@ -171,11 +171,11 @@ def test_logit_collapse_on_logits_output_includes_soft_cap():
     model = hooked_model("gemma2_softcaps_sandwich")
     lens = TensorLens.from_model(model, TOKENS, output="logits")
     tok = 11
-    logit = lens.collapse("logit", token=tok)
-    total = logit.sum(-1) + lens.collapse_bias("logit", token=tok)
+    logit = lens.collapse("in_class", token=tok)
+    total = logit.sum(-1) + lens.collapse_bias("in_class", token=tok)
     assert torch.allclose(total, lens.state.logits[0, :, tok], rtol=1e-10, atol=1e-10)
-    with pytest.raises(ReplayError, match="ln_final"):
-        TensorLens.from_model(model, TOKENS).collapse("logit", token=3)
+    with pytest.raises(ArgumentError, match="ln_final"):
+        TensorLens.from_model(model, TOKENS).collapse("in_class", token=3)
 
 
 @needs_hooked
@@ -214,8 +214,13 @@ def test_memory_budget_refuses_before_allocating():
         lens.full()
     with pytest.raises(MemoryBudgetError, match="slice"):
         TensorLens.from_model(model, TOKENS, output="logits", memory_budget=10_000).slice(0)
-    # Small requests still run, in chunks of one item.
-    assert lens.collapse("in_out").shape == (10, 10)
+    # Small requests still run, in chunks of one item, once the budget holds one replay's graph ...
+    one = lens.engine.item_bytes(10)
+    small = TensorLens.from_model(model, TOKENS, memory_budget=3 * one)
+    assert small.collapse("in_out").shape == (10, 10)
+    # ... and a budget below that is refused with the estimate, never overrun.
+    with pytest.raises(MemoryBudgetError, match=r"collapse\('in_out'\).*estimated"):
+        lens.collapse("in_out")
 
 
 @needs_hooked
@@ -224,7 +229,7 @@ def test_causal_prefix_slice_equals_whole_prompt_slice():
     lens = TensorLens.from_model(model, TOKENS)
     state = lens.state
     whole = TensorLens.from_state(model, state)
-    whole._causal_cache = False  # force full-length replays
+    whole.engine._causal = False  # force full-length replays
     for i in (0, 4, 9):
         assert torch.allclose(lens.slice(i), whole.slice(i), rtol=1e-12, atol=1e-14)
 
@@ -246,13 +251,13 @@ def test_bridge_lens_reproduces_output(name):
 def test_bad_requests_name_the_culprit():
     model = hooked_model("gpt2")
     lens = TensorLens.from_model(model, TOKENS)
-    with pytest.raises(ReplayError, match="position 10"):
+    with pytest.raises(ArgumentError, match="pos_out=10"):
         lens.slice(10)
-    with pytest.raises(ReplayError, match="direction"):
-        lens.collapse("class")
-    with pytest.raises(ReplayError, match="kind 'bogus'"):
+    with pytest.raises(ArgumentError, match="direction"):
+        lens.collapse("in_class")
+    with pytest.raises(ArgumentError, match="kind='bogus'"):
         lens.collapse("bogus")  # type: ignore[arg-type]
-    with pytest.raises(ReplayError, match="apply"):
+    with pytest.raises(ArgumentError, match=r"x=\(3, 4\)"):
         lens.apply(torch.zeros(3, 4, dtype=torch.float64))
     assert "TensorLens(shape=[pos_out=10, d_out=32, pos_in=10, d_in=32]" in repr(lens)
     assert capture(model, TOKENS).n_pos == 10

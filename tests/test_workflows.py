@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from tests.models import HAS_HOOKED, TOKENS, bridge_model, encoder_model, hooked_model
-from tl_tensorlens import ReplayError, TensorLens, TensorLensError, capture, linearized
-from tl_tensorlens.workflows import (
+from tl_tensorlens import ArgumentError, TensorLens, TensorLensError, capture, linearized
+from tl_tensorlens.methods.logit_lens import tensor_logit_lens
+from tl_tensorlens.methods.patching import (
     COMPONENTS,
     LogitDiff,
     component_of,
@@ -17,7 +18,6 @@ from tl_tensorlens.workflows import (
     linearized_patching,
     mix_frozen,
     predict_patching,
-    tensor_logit_lens,
 )
 
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer exists only on TL 3.x")
@@ -50,7 +50,7 @@ def test_tensor_logit_lens_exact(name):
     state = capture(model, TOKENS)
     ll = tensor_logit_lens(model, state)
     L = state.n_layers
-    assert ll.layers == tuple(range(L + 1))
+    assert ll.depths == tuple(range(L + 1))
     # rows + bias = TransformerLens' own logit lens (accumulated_resid with apply_ln, then unembed)
     with torch.no_grad():
         _, cache = model.run_with_cache(TOKENS)
@@ -62,8 +62,8 @@ def test_tensor_logit_lens_exact(name):
     # last layer = the logit collapse of the full lens through ln_final
     full = TensorLens.from_state(model, state, output="ln_final")
     target = ll.target[-1]
-    assert float((ll.maps[-1] - full.collapse("logit", token=target)).abs().max()) <= 1e-10
-    assert float((ll.bias[-1] - full.collapse_bias("logit", token=target)).abs().max()) <= 1e-10
+    assert float((ll.maps[-1] - full.collapse("in_class", token=target)).abs().max()) <= 1e-10
+    assert float((ll.bias[-1] - full.collapse_bias("in_class", token=target)).abs().max()) <= 1e-10
     # no block applied: the identity, so only the diagonal is non-zero
     assert torch.equal(ll.maps[0], torch.diag_embed(torch.diagonal(ll.maps[0])))
 
@@ -72,20 +72,20 @@ def test_tensor_logit_lens_exact(name):
 def test_tensor_logit_lens_options_and_errors():
     model = _model("hooked:gpt2")
     state = capture(model, TOKENS)
-    ll = tensor_logit_lens(model, state, token=7, layers=[1, 2], positions=[-1, 3])
+    ll = tensor_logit_lens(model, state, token=7, depths=[1, 2], positions=[-1, 3])
     assert ll.maps.shape == (2, 2, TOKENS.shape[1])
     assert ll.positions == (TOKENS.shape[1] - 1, 3)
     assert bool((ll.target == 7).all())
     assert ll.max_error <= 1e-10
     assert ll.row(-1).shape == (2, TOKENS.shape[1])
     assert "TensorLogitLens" in repr(ll)
-    with pytest.raises(ReplayError, match="not computed"):
+    with pytest.raises(ArgumentError, match="computed positions"):
         ll.row(0)
-    with pytest.raises(ReplayError, match="out of range"):
-        tensor_logit_lens(model, state, layers=[5])
-    with pytest.raises(ReplayError, match="out of range"):
+    with pytest.raises(ArgumentError, match="depths=5"):
+        tensor_logit_lens(model, state, depths=[5])
+    with pytest.raises(ArgumentError, match="positions=99"):
         tensor_logit_lens(model, state, positions=[99])
-    with pytest.raises(ReplayError, match="decoder"):
+    with pytest.raises(ArgumentError, match="decoder"):
         tensor_logit_lens(encoder_model(), TOKENS)
 
 
@@ -149,12 +149,12 @@ def test_transformer_lens_patching_matches_tensor_prediction(name):
 def test_patching_bad_inputs():
     model = _model("hooked:gpt2")
     state = capture(model, TOKENS)
-    with pytest.raises(ReplayError, match="same length"):
+    with pytest.raises(ArgumentError, match="same length"):
         linearized_patching(model, state, CORRUPTED[:, :5], LogitDiff(-1, 1))
     # a bad kind is refused by the library (or, under pytest, already by the runtime type checker)
-    with pytest.raises((ReplayError, TypeError)):
+    with pytest.raises((ArgumentError, TypeError)):
         linearized_patching(model, state, CORRUPTED, LogitDiff(-1, 1), kind="nope")  # type: ignore[arg-type]
-    with pytest.raises((ReplayError, TypeError)):
+    with pytest.raises((ArgumentError, TypeError)):
         predict_patching(model, state, CORRUPTED, LogitDiff(-1, 1), kind="nope")  # type: ignore[arg-type]
     assert corrupted_input(model, state, CORRUPTED).shape == state.x0.shape
 
@@ -176,7 +176,7 @@ def test_mix_frozen_reproduces_clean_and_corrupted_tensors(name):
     assert torch.equal(T(mix_frozen(clean, corr, COMPONENTS)), t_corr)
     assert torch.equal(T(mix_frozen(corr, clean, COMPONENTS)), t_clean)
     # one class only changes that class's values
-    mixed = mix_frozen(clean, corr, ("attention",), layers=[1])
+    mixed = mix_frozen(clean, corr, ("attention",), blocks=[1])
     for k, v in mixed.frozen.items():
         expect = corr.frozen[k] if k == "blocks.1.attn.hook_pattern" else clean.frozen[k]
         assert v is expect, k
@@ -193,7 +193,7 @@ def test_frozen_component_patching_rows():
     assert abs(float(res.metric[-1]) - float(metric(corr.logits))) <= 1e-10
     # the logit collapse rows sum (with the bias) to the metric
     lens = TensorLens.from_state(model, clean, output="ln_final")
-    assert abs(float(res.maps[0].sum() + lens.collapse_bias("logit", token=3)[-1]) - float(res.metric[0])) <= 1e-10
+    assert abs(float(res.maps[0].sum() + lens.collapse_bias("in_class", token=3)[-1]) - float(res.metric[0])) <= 1e-10
     assert "| clean |" in res.table()
     with pytest.raises(TensorLensError, match="unknown component"):
         mix_frozen(clean, corr, ("routing",))
@@ -222,6 +222,6 @@ def test_frozen_component_patching_on_induction():
     assert float(res.metric[0]) > float(res.metric[-1]) + 5  # induction works on the clean prompt only
     assert share["corrupted attention"] > 0.3
     assert abs(share["corrupted mlp"]) < 0.1
-    layer1 = frozen_component_patching(model, clean, corrupted, metric, variants=[("attention",)], layers=[1])
-    layer0 = frozen_component_patching(model, clean, corrupted, metric, variants=[("attention",)], layers=[0])
+    layer1 = frozen_component_patching(model, clean, corrupted, metric, variants=[("attention",)], blocks=[1])
+    layer0 = frozen_component_patching(model, clean, corrupted, metric, variants=[("attention",)], blocks=[0])
     assert float(layer1.metric[0]) < float(layer0.metric[0])

@@ -16,8 +16,8 @@ The :class:`FrozenState` also keeps the whole activation cache of that forward, 
 plots can read attention patterns or residuals from the same capture without another pass.
 """
 
+import hashlib
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,9 +25,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_tensorlens.errors import CaptureError, UnsupportedModelError
+from tl_tensorlens import _hooks
+from tl_tensorlens._backend import ModelKind, block_output_hook, model_kind
+from tl_tensorlens._deprecation import moved_names
+from tl_tensorlens.errors import ArgumentError, CaptureError, StateMismatchError, UnsupportedModelError
 
-Backend = Literal["hooked", "encoder", "bridge"]
 MlpKind = Literal["plain", "gated", "solu"]
 
 #: act'(0) of every elementwise activation whose frozen ratio ``act(x)/x`` we support.
@@ -51,20 +53,6 @@ ACTIVATION_SLOPE_AT_ZERO: dict[str, float] = {
 }
 
 _ALLOWED_NORMS = {None, "LN", "LNPre", "RMS", "RMSPre"}
-
-
-def detect_backend(model: Any) -> Backend:
-    """Name the TransformerLens backend of ``model`` ("hooked", "encoder" or "bridge")."""
-    name = type(model).__name__
-    if name == "TransformerBridge" or any(c.__name__ == "TransformerBridge" for c in type(model).__mro__):
-        return "bridge"
-    if any(c.__name__ == "HookedEncoder" for c in type(model).__mro__):
-        return "encoder"
-    if any(c.__name__ == "HookedTransformer" for c in type(model).__mro__):
-        return "hooked"
-    raise UnsupportedModelError(
-        {"model type": f"{name} is not a HookedTransformer, HookedEncoder or TransformerBridge"}
-    )
 
 
 def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
@@ -112,12 +100,140 @@ def activation_ratio(
     return torch.where(small, torch.full_like(pre, ACTIVATION_SLOPE_AT_ZERO[act_fn]), post / safe)
 
 
-def block_output_hook(hook_names: Any, layer: int) -> str:
-    """Hook name of block ``layer``'s output: BERT's post-LN blocks end at hook_normalized_resid_post."""
-    normed = f"blocks.{layer}.hook_normalized_resid_post"
-    if normed in hook_names:
-        return normed
-    return f"blocks.{layer}.hook_resid_post"
+# Config fields that do not change what the model computes on given token ids.
+_CFG_IGNORED = frozenset(
+    {
+        "device",
+        "n_devices",
+        "seed",
+        "model_name",
+        "tokenizer_name",
+        "tokenizer_prepends_bos",
+        "default_prepend_bos",
+        "from_checkpoint",
+        "checkpoint_index",
+        "checkpoint_label",
+        "checkpoint_value",
+        "init_weights",
+        "init_mode",
+        "initializer_range",
+        "output_logits_soft_cap_is_applied",
+    }
+)
+_SAMPLES = 64
+
+
+def _config_items(model: Any) -> tuple[tuple[str, str], ...]:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return ()
+    raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    items = []
+    for k, v in sorted(raw.items()):
+        if k in _CFG_IGNORED or k.startswith("_"):
+            continue
+        if isinstance(v, (bool, int, float, str, type(None), torch.dtype)) or (
+            isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str, type(None))) for x in v)
+        ):
+            items.append((k, repr(v)))
+    return tuple(items)
+
+
+def _sample_digest(p: Tensor) -> str:
+    flat = p.detach().reshape(-1)
+    if flat.numel() == 0:
+        return "empty"
+    idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _SAMPLES), device=flat.device).long()
+    vals = flat[idx].to(torch.float64).cpu().numpy().tobytes()
+    return hashlib.sha1(vals).hexdigest()[:16]
+
+
+def _versions(model: Any) -> tuple[tuple[int, int, str], ...]:
+    return tuple((p._version, p.data_ptr(), str(p.dtype)) for _, p in model.named_parameters())
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a capture depends on, recorded at capture time (see :meth:`FrozenState.check_model`).
+
+    Attributes:
+        model_id: ``id()`` of the captured model object.
+        kind: "hooked", "encoder" or "bridge".
+        config: computation-relevant config fields ``(name, repr(value))``.
+        params: per parameter ``(name, shape, dtype, digest of 64 evenly spaced entries)``.
+        versions: per parameter ``(tensor version counter, data pointer, dtype)``: any in-place edit
+            or reassignment of a weight changes it.
+    """
+
+    model_id: int
+    kind: str
+    config: tuple[tuple[str, str], ...]
+    params: tuple[tuple[str, tuple[int, ...], str, str], ...]
+    versions: tuple[tuple[int, int, str], ...] = field(repr=False)
+
+    @property
+    def digest(self) -> str:
+        """A short hash of config and sampled weights (equal for equal models in any process)."""
+        blob = repr((self.kind, self.config, self.params)).encode()
+        return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def model_signature(model: Any) -> ModelSignature:
+    """The :class:`ModelSignature` of ``model`` now (cost: 64 entries read per parameter)."""
+    params = tuple((name, tuple(p.shape), str(p.dtype), _sample_digest(p)) for name, p in model.named_parameters())
+    return ModelSignature(id(model), model_kind(model), _config_items(model), params, _versions(model))
+
+
+def model_fingerprint(model: Any) -> str:
+    """A hash of ``model``'s computation-relevant config and **every** weight (sha1 of the bytes).
+
+    Stable across processes and loads of the same checkpoint; used to key stored results by model.
+    Cost: one pass over the weights (about 1 s per GB).
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> model_fingerprint(lin) == model_fingerprint(lin)
+        True
+    """
+    h = hashlib.sha1(repr(_config_items(model)).encode())
+    for name, p in model.named_parameters():
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _signature_differences(then: ModelSignature, now: ModelSignature) -> list[str]:
+    diffs: list[str] = []
+    if then.kind != now.kind:
+        diffs.append(f"model class {then.kind} vs {now.kind}")
+    cfg_then, cfg_now = dict(then.config), dict(now.config)
+    for k in sorted(set(cfg_then) | set(cfg_now)):
+        if cfg_then.get(k) != cfg_now.get(k):
+            diffs.append(f"cfg.{k}: {cfg_then.get(k, '<absent>')} vs {cfg_now.get(k, '<absent>')}")
+    p_then = {p[0]: p for p in then.params}
+    p_now = {p[0]: p for p in now.params}
+    missing = sorted(set(p_then) - set(p_now))
+    extra = sorted(set(p_now) - set(p_then))
+    if missing:
+        diffs.append(f"parameters absent now: {missing[:5]}")
+    if extra:
+        diffs.append(f"parameters not in the captured model: {extra[:5]}")
+    changed = []
+    for name in p_then.keys() & p_now.keys():
+        a, b = p_then[name], p_now[name]
+        if a[1] != b[1]:
+            changed.append(f"{name} shape {a[1]} vs {b[1]}")
+        elif a[2] != b[2]:
+            changed.append(f"{name} dtype {a[2]} vs {b[2]}")
+        elif a[3] != b[3]:
+            changed.append(f"{name} values")
+    if changed:
+        diffs.append("weights differ: " + ", ".join(sorted(changed)[:5]) + (" ..." if len(changed) > 5 else ""))
+    return diffs
 
 
 @dataclass(frozen=True)
@@ -140,6 +256,8 @@ class FrozenState:
         n_layers: number of blocks.
         logits: the model's own output logits for the prompt ``[1, pos, d_vocab]`` (None if the model
             returned none).
+        signature: what the capture depends on (config, weights, dtype), checked by every replay
+            (:meth:`check_model`); None for a state assembled by hand.
     """
 
     tokens: Int[Tensor, "1 pos"]
@@ -147,12 +265,39 @@ class FrozenState:
     frozen: dict[str, Tensor]
     mlp_kind: dict[int, MlpKind]
     rebuild_z: frozenset[int]
-    backend: Backend
+    backend: ModelKind
     n_layers: int
     logit_ratio: Tensor | None = None
     head_act_ratio: dict[str, Tensor] = field(default_factory=dict)
     unsupported_outputs: dict[str, str] = field(default_factory=dict)
     logits: Tensor | None = None
+    signature: ModelSignature | None = field(default=None, repr=False)
+
+    def check_model(self, model: Any) -> None:
+        """Refuse to replay this capture on a model it does not belong to.
+
+        Passes at once for the captured model object with untouched weights. Another object passes
+        when its config, parameter shapes, dtypes and sampled weights equal the captured ones (a
+        reload of the same checkpoint).
+
+        Raises:
+            StateMismatchError: naming what differs (layer count, a config field, a weight's dtype or
+                values), or saying that the captured model's weights were edited after the capture.
+        """
+        sig = self.signature
+        if sig is None:
+            return
+        if id(model) == sig.model_id and _versions(model) == sig.versions:
+            return
+        now = model_signature(model)
+        diffs = _signature_differences(sig, now)
+        if not diffs:
+            return
+        same = id(model) == sig.model_id
+        what = (
+            "the captured model's weights changed after the capture" if same else "this model is not the one captured"
+        )
+        raise StateMismatchError(f"{what}: {'; '.join(diffs)}; capture the prompt again on this model")
 
     @property
     def n_pos(self) -> int:
@@ -223,6 +368,7 @@ class FrozenState:
             head_act_ratio={k: v[:, :n] for k, v in self.head_act_ratio.items()},
             unsupported_outputs=self.unsupported_outputs,
             logits=None if self.logits is None else self.logits[:, :n],
+            signature=self.signature,
         )
 
     def __repr__(self) -> str:
@@ -233,22 +379,51 @@ class FrozenState:
         )
 
 
-def _as_tokens(tokens: Any, model: Any) -> Tensor:
+def as_prompt_tokens(tokens: Any, model: Any) -> Int[Tensor, "1 pos"]:
+    """One prompt as ``[1, pos]`` token ids, checked against the model's vocabulary and context.
+
+    Accepts a non-empty string (needs ``model.tokenizer``; tokenized with ``model.to_tokens``, so TL
+    decides about BOS), a list of ints, or an integer tensor ``[pos]`` / ``[1, pos]``.
+
+    Raises:
+        ArgumentError: None, an empty prompt, a batch of several prompts, non-integer ids, ids outside
+            ``0..d_vocab-1`` (negative ids included: they would silently wrap), or more tokens than
+            ``n_ctx``.
+    """
+    allowed = "one prompt: a non-empty string (with model.tokenizer) or integer token ids [pos] / [1, pos]"
+    if tokens is None or isinstance(tokens, bytes):
+        raise ArgumentError("tokens", tokens, allowed)
     if isinstance(tokens, str):
+        if not tokens.strip():
+            raise ArgumentError("tokens", tokens, "a non-empty prompt")
         if getattr(model, "tokenizer", None) is None:
-            raise CaptureError("a string prompt needs model.tokenizer; pass token ids instead")
+            raise ArgumentError("tokens", tokens, "token ids: this model has no tokenizer (model.tokenizer is None)")
         tokens = model.to_tokens(tokens)
     if not isinstance(tokens, Tensor):
-        tokens = torch.as_tensor(tokens)
+        try:
+            tokens = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError):
+            raise ArgumentError("tokens", tokens, allowed) from None
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ArgumentError("tokens", f"a {tokens.dtype} tensor", "integer token ids (floats are not ids)")
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[0] != 1:
-        raise CaptureError(
-            f"a FrozenState holds one prompt: tokens must be [pos] or [1, pos], got shape "
-            f"{tuple(tokens.shape)}; capture each prompt of a batch separately"
+        raise ArgumentError(
+            "tokens",
+            f"a tensor of shape {tuple(tokens.shape)}",
+            "[pos] or [1, pos]: a FrozenState holds one prompt (capture each prompt of a batch separately)",
         )
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise CaptureError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    n = int(tokens.shape[1])
+    if n == 0:
+        raise ArgumentError("tokens", "an empty prompt", "at least one token")
+    d_vocab = int(model.cfg.d_vocab)
+    bad = tokens[(tokens < 0) | (tokens >= d_vocab)]
+    if bad.numel():
+        raise ArgumentError("tokens", bad[:5].tolist(), f"token ids in 0..{d_vocab - 1} (d_vocab={d_vocab})")
+    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    if n_ctx and n > n_ctx:
+        raise ArgumentError("tokens", f"a prompt of {n} tokens", f"at most n_ctx={n_ctx} tokens")
     return tokens.long()
 
 
@@ -309,10 +484,9 @@ def _detect_observational_patterns(
         fwd.append((f"blocks.{layer}.attn.hook_z", record_z))
     if not fwd:
         return frozenset()
-    with torch.no_grad(), warnings.catch_warnings(), model.hooks(fwd_hooks=fwd):
+    with torch.no_grad():
         # The Bridge warns that the probe's pattern edit was dropped: that is what is detected.
-        warnings.filterwarnings("ignore", message=r"A hook on .*hook_pattern returned a modified tensor")
-        model(tokens)
+        _hooks.run(model, tokens, fwd)
     layers = set()
     for layer, z in seen.items():
         if bool(z.abs().max() > 0):
@@ -344,11 +518,19 @@ def capture(model: Any, tokens: Any) -> FrozenState:
         >>> state.x0.shape
         torch.Size([3, 8])
     """
-    backend = detect_backend(model)
+    backend = model_kind(model)
     check_supported(model)
-    tokens = _as_tokens(tokens, model)
+    if _hooks.frozen_replay_active(model):
+        raise StateMismatchError(
+            "capture() was called while a frozen replay (e.g. a linearized(...) block) has its hooks on this "
+            "model: the capture would record the frozen values, not the model's; capture outside the block"
+        )
+    tokens = as_prompt_tokens(tokens, model)
     n_layers = int(model.cfg.n_layers)
-    with torch.no_grad():
+    signature = model_signature(model)
+    # inference_mode(False): a capture taken under torch.inference_mode must still be differentiable.
+    with _hooks.model_lock(model), torch.inference_mode(False), torch.no_grad():
+        # TL's own caching forward: its hooks live and die inside run_with_cache.
         logits, cache_obj = model.run_with_cache(tokens)
     cache: dict[str, Tensor] = {k: v.detach() for k, v in dict(cache_obj.items()).items()}
     if "blocks.0.hook_resid_pre" not in cache:
@@ -417,21 +599,7 @@ def capture(model: Any, tokens: Any) -> FrozenState:
                 }
             )
             acts = {}
-        records: dict[str, tuple[Tensor, Tensor]] = {}
-        handles = []
-        try:
-            for name, mod in acts.items():
-
-                def rec(mod: Any, inp: Any, out: Tensor, name: str = name) -> None:
-                    records[name] = (inp[0].detach(), out.detach())
-
-                handles.append(mod.register_forward_hook(rec))
-            if handles:
-                with torch.no_grad():
-                    model(tokens)
-        finally:
-            for h in handles:
-                h.remove()
+        records = _hooks.module_io(model, tokens, list(acts))
         act_name = act_fn if act_fn in ACTIVATION_SLOPE_AT_ZERO else "gelu"
         for name, (inp, out) in records.items():
             head_act_ratio[name] = activation_ratio(inp, out, act_name)
@@ -449,4 +617,27 @@ def capture(model: Any, tokens: Any) -> FrozenState:
         head_act_ratio=head_act_ratio,
         unsupported_outputs=unsupported_outputs,
         logits=logits.detach() if isinstance(logits, Tensor) else None,
+        signature=signature,
     )
+
+
+__getattr__ = moved_names(
+    __name__,
+    {
+        "detect_backend": "tl_tensorlens._backend:model_kind",
+        "Backend": "tl_tensorlens._backend:ModelKind",
+    },
+)
+
+__all__ = [
+    "ACTIVATION_SLOPE_AT_ZERO",
+    "FrozenState",
+    "MlpKind",
+    "ModelSignature",
+    "activation_ratio",
+    "as_prompt_tokens",
+    "capture",
+    "check_supported",
+    "model_fingerprint",
+    "model_signature",
+]

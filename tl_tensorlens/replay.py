@@ -1,8 +1,8 @@
 """The frozen replay: the model with its captured coefficients substituted, exactly affine in its input.
 
-This is the only module that installs hooks. Every hook lives inside a context
-(``model.hooks(...)`` plus ``try/finally`` for the few plain PyTorch module hooks), so no hook
-survives a replay, even one that raises midway.
+Every hook is installed through the read/feed primitives of :mod:`tl_tensorlens._hooks` (re-exported
+here: :func:`record`, :func:`feed`, :func:`stop_at`, :class:`StopForward`), each inside a context, so
+no hook survives a replay, even one that raises midway. No other module installs hooks.
 
 Given a :class:`~tl_tensorlens.capture.FrozenState` captured at input ``x0``, the replay feeds any
 ``X`` of shape ``[batch, pos, d_model]`` at ``blocks.{start}.hook_resid_pre`` and reads the output at
@@ -16,29 +16,21 @@ hook names used here; the differences (BERT's post-LN block output, BERT-on-Brid
 """
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_tensorlens.capture import FrozenState, block_output_hook, capture
-from tl_tensorlens.errors import ReplayError, UnsupportedModelError, VerificationError
-
-OutputPoint = Literal["resid_post", "ln_final", "logits"]
-OUTPUT_POINTS: tuple[str, ...] = ("resid_post", "ln_final", "logits")
-HookList = list[tuple[str, Callable[..., Any]]]
-
-
-class _StopReplay(Exception):
-    """Raised from the output hook to end the forward early, carrying the output."""
-
-    def __init__(self, value: Tensor):
-        super().__init__("replay output read")
-        self.value = value
+from tl_tensorlens._backend import OUTPUT_POINTS, OutputPoint, block_output_hook, float32_norms_in_float64
+from tl_tensorlens._checks import as_heads, as_layer_range
+from tl_tensorlens._hooks import HookList, ModuleHookList, StopForward, feed, hooks_on, record, stop_at
+from tl_tensorlens.capture import FrozenState, capture
+from tl_tensorlens.errors import ArgumentError, ReplayError, UnsupportedModelError, VerificationError
 
 
 @dataclass(frozen=True)
@@ -60,33 +52,29 @@ class ReplaySpec:
     heads: Mapping[int, Sequence[int]] | None = None
 
     def resolved(self, state: FrozenState) -> "ReplaySpec":
-        """Check the spec against a capture and fill ``stop``."""
+        """Check the spec against a capture and fill ``stop``.
+
+        Raises:
+            ArgumentError: unknown output point, a layer range outside ``0..n_layers``, heads that
+                are not ``{layer: [head, ...]}`` inside the range, an output after ``ln_final`` with
+                a range that does not end at the last block.
+            UnsupportedModelError: the output point cannot be made exact on this model.
+        """
         n = state.n_layers
-        stop = n if self.stop is None else self.stop
-        if self.output not in OUTPUT_POINTS:
-            raise ReplayError(f"output={self.output!r}; choose one of {OUTPUT_POINTS}")
-        if not (0 <= self.start < stop <= n):
-            raise ReplayError(f"layers=({self.start}, {stop}) must satisfy 0 <= start < stop <= n_layers={n}")
+        if not isinstance(self.output, str) or self.output not in OUTPUT_POINTS:
+            raise ArgumentError("output", self.output, f"one of {OUTPUT_POINTS}")
+        start, stop = as_layer_range((self.start, self.stop), n)
         if self.output in state.unsupported_outputs:
             raise UnsupportedModelError({f"output={self.output!r}": state.unsupported_outputs[self.output]})
         if self.output != "resid_post" and stop != n:
-            raise ReplayError(
-                f"output={self.output!r} reads after ln_final, so the range must end at the last block "
-                f"(stop={n}), got stop={stop}; use output='resid_post' for a partial range"
+            raise ArgumentError(
+                "layers",
+                (start, stop),
+                f"a range ending at the last block (stop={n}) for output={self.output!r}, which reads after ln_final",
+                "use output='resid_post' for a partial range",
             )
-        heads = None
-        if self.heads is not None:
-            heads = {}
-            n_heads = int(state.pattern(0).shape[0])
-            for layer, hs in self.heads.items():
-                if not 0 <= int(layer) < n:
-                    raise ReplayError(f"heads: layer {layer} out of range 0..{n - 1}")
-                hs = tuple(int(h) for h in hs)
-                for h in hs:
-                    if not 0 <= h < n_heads:
-                        raise ReplayError(f"heads: head {h} of layer {layer} out of range 0..{n_heads - 1}")
-                heads[int(layer)] = hs
-        return ReplaySpec(self.output, self.start, stop, heads)
+        heads = as_heads(self.heads, n, int(state.pattern(0).shape[0]), (start, stop))
+        return ReplaySpec(self.output, start, stop, heads)
 
 
 def _expand(value: Tensor, act: Tensor, hook_name: str) -> Tensor:
@@ -115,6 +103,7 @@ def frozen_hooks(model: Any, state: FrozenState, spec: ReplaySpec | None = None)
     ``model.run_with_hooks(tokens, fwd_hooks=frozen_hooks(model, state))`` runs the linearized
     model on ``tokens`` (of the captured length).
     """
+    state.check_model(model)
     spec = (spec or ReplaySpec()).resolved(state)
     hooks: HookList = []
     stash: dict[str, Tensor] = {}
@@ -205,56 +194,25 @@ def _output_hooks(model: Any, state: FrozenState, spec: ReplaySpec) -> HookList:
     """Hook that reads the requested output and ends the forward there."""
     assert spec.stop is not None
     if spec.output == "resid_post":
-        name = block_output_hook(model.hook_dict, spec.stop - 1)
-
-        def read(act: Tensor, hook: Any) -> None:
-            raise _StopReplay(act)
-
-        return [(name, read)]
+        return [stop_at(block_output_hook(model.hook_dict, spec.stop - 1))]
     if spec.output == "ln_final":
-
-        def read_in(act: Tensor, hook: Any) -> None:
-            raise _StopReplay(act)
-
-        return [("unembed.hook_in", read_in)]
-
+        return [stop_at("unembed.hook_in")]
     ratio = state.logit_ratio
-
-    def read_logits(act: Tensor, hook: Any) -> None:
-        raise _StopReplay(act if ratio is None else _expand(ratio, act, hook.name) * act)
-
-    return [("unembed.hook_out", read_logits)]
+    if ratio is None:
+        return [stop_at("unembed.hook_out")]
+    return [stop_at("unembed.hook_out", lambda act: _expand(ratio, act, "unembed.hook_out") * act)]
 
 
-@contextlib.contextmanager
-def _module_ratio_hooks(model: Any, state: FrozenState) -> Iterator[None]:
+def _module_ratio_hooks(state: FrozenState) -> ModuleHookList:
     """Freeze unhooked activations (an encoder's MLM-head GELU) with plain module hooks."""
-    handles = []
-    try:
-        for path, ratio in state.head_act_ratio.items():
-            mod = model.get_submodule(path)
+    hooks: ModuleHookList = []
+    for path, ratio in state.head_act_ratio.items():
 
-            def fwd(mod: Any, inp: Any, out: Tensor, ratio: Tensor = ratio, path: str = path) -> Tensor:
-                return _expand(ratio, inp[0], path) * inp[0]
+        def fwd(mod: Any, inp: Any, out: Tensor, ratio: Tensor = ratio, path: str = path) -> Tensor:
+            return _expand(ratio, inp[0], path) * inp[0]
 
-            handles.append(mod.register_forward_hook(fwd))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _input_hook(x: Tensor, start: int) -> tuple[str, Callable[..., Tensor]]:
-    name = f"blocks.{start}.hook_resid_pre"
-
-    def feed(act: Tensor, hook: Any) -> Tensor:
-        if act.shape != x.shape:
-            raise ReplayError(
-                f"hook '{name}': replay input has shape {tuple(x.shape)}, model expects {tuple(act.shape)}"
-            )
-        return x
-
-    return (name, feed)
+        hooks.append((path, fwd))
+    return hooks
 
 
 def _check_input(state: FrozenState, x: Tensor) -> Tensor:
@@ -262,41 +220,34 @@ def _check_input(state: FrozenState, x: Tensor) -> Tensor:
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3 or x.shape[1] != state.n_pos or x.shape[2] != d_model:
-        raise ReplayError(
-            f"replay input must be [batch, pos={state.n_pos}, d_model={d_model}] (or [pos, d_model]), got {tuple(x.shape)}"
+        raise ArgumentError(
+            "x",
+            f"a tensor of shape {tuple(x.shape)}",
+            f"[batch, pos={state.n_pos}, d_model={d_model}] or [pos, d_model]",
         )
     return x
 
 
-@contextlib.contextmanager
-def _bridge_edit_warnings_silenced() -> Iterator[None]:
-    """Silence the Bridge's warnings about the edits the replay makes on purpose.
+def run(model: Any, state: FrozenState, x: Tensor, spec: ReplaySpec, *, frozen: bool = True) -> Tensor:
+    """Run ``x`` ``[batch, pos, d_model]`` from ``blocks.{start}.hook_resid_pre`` to the spec's output:
+    the affine replay (``frozen=True``) or the real model (``frozen=False``, see :func:`live`).
 
-    Editing ``hook_scale`` moves a bridge norm onto its own float64-exact path (that is the point),
-    and BERT-on-Bridge ``hook_pattern`` edits are dropped — the replay rebuilds ``hook_z`` there.
+    The engine (:mod:`tl_tensorlens.engine`) differentiates this function; ``spec`` must be
+    :meth:`ReplaySpec.resolved` against ``state``.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
-        warnings.filterwarnings("ignore", message=r"A hook on .*hook_pattern returned a modified tensor")
-        yield
-
-
-def _run(model: Any, state: FrozenState, x: Tensor, spec: ReplaySpec, *, frozen: bool = True) -> Tensor:
-    """Run ``x`` [batch, pos, d_model] from ``blocks.{start}.hook_resid_pre`` to the output point:
-    the affine replay (``frozen=True``) or the real model (``frozen=False``, see :func:`live`)."""
+    state.check_model(model)
     tokens = state.tokens.to(x.device).expand(x.shape[0], -1)
-    hooks = [_input_hook(x, spec.start)]
+    hooks = [feed(f"blocks.{spec.start}.hook_resid_pre", x)]
     if frozen:
         hooks = frozen_hooks(model, state, spec) + hooks
     # The live model's logits are its own return value: the soft-cap acts after the last hook.
     live_logits = not frozen and spec.output == "logits"
     if not live_logits:
         hooks += _output_hooks(model, state, spec)
-    module_hooks = _module_ratio_hooks(model, state) if frozen else contextlib.nullcontext()
     try:
-        with _bridge_edit_warnings_silenced(), module_hooks, model.hooks(fwd_hooks=hooks):
+        with hooks_on(model, hooks, _module_ratio_hooks(state) if frozen else [], frozen=frozen):
             out = model(tokens)
-    except _StopReplay as stop:
+    except StopForward as stop:
         return stop.value
     if live_logits:
         return out
@@ -343,10 +294,10 @@ def replay(
     squeeze = x.ndim == 2
     x = _check_input(state, x)
     if bias:
-        y = _run(model, state, x, spec)
+        y = run(model, state, x, spec)
     else:
         primal = torch.zeros_like(x)
-        y = torch.func.jvp(lambda inp: _run(model, state, inp, spec), (primal,), (x,))[1]
+        y = torch.func.jvp(lambda inp: run(model, state, inp, spec), (primal,), (x,))[1]
     return y[0] if squeeze else y
 
 
@@ -375,7 +326,7 @@ def live(
         True
     """
     spec = ReplaySpec(output, *(layers or (0, None))).resolved(state)
-    return _run(model, state, _check_input(state, x), spec, frozen=False)
+    return run(model, state, _check_input(state, x), spec, frozen=False)
 
 
 @contextlib.contextmanager
@@ -408,7 +359,7 @@ def linearized(model: Any, state: FrozenState, *, heads: Mapping[int, Sequence[i
             "replay(..., output='logits') / TensorLens, which apply the frozen cap ratio",
             stacklevel=3,
         )
-    with _module_ratio_hooks(model, state), model.hooks(fwd_hooks=hooks):
+    with hooks_on(model, hooks, _module_ratio_hooks(state), frozen=True):
         yield model
 
 
@@ -421,12 +372,14 @@ class ReplayCheck:
         reproduction_error: ``‖F(x0) − model(x0)‖ / ‖model(x0)‖``.
         affine_error: worst ``‖f(x0+tv) − f(x0) − t(f(x0+v) − f(x0))‖ / ‖t(f(x0+v) − f(x0))‖`` over
             the scales of :func:`affinity_scales` (float64 ``{1e-3, 1, 1e3}``, float32
-            ``{0.1, 1, 1e3}``, 16-bit ``{0.25, 1, 4}``).
+            ``{0.1, 1, 1e3}``, 16-bit ``{0.25, 1, 4}``); ``inf`` when a probe was not finite.
         tolerance: the threshold of the affinity check (and of the reproduction check unless
             ``reproduction_tolerance`` says otherwise).
         reproduction_tolerance: the threshold of the reproduction check: ``tolerance``, except for
             float64 TransformerBridge models with RMS norms, whose Hugging Face norm computes in
             float32 (1e-5; see docs/method.md §4).
+        nonfinite: None, or which values were NaN/inf (the model's own output, the replay at x0, a
+            probe ``x0 + t v``): a non-finite value is always a failure, never an error of 0.
     """
 
     output: str
@@ -434,12 +387,28 @@ class ReplayCheck:
     affine_error: float
     tolerance: float
     reproduction_tolerance: float | None = None
+    nonfinite: str | None = None
 
     @property
     def ok(self) -> bool:
-        """Both errors within their tolerances."""
+        """Both errors finite and within their tolerances."""
         rep_tol = self.tolerance if self.reproduction_tolerance is None else self.reproduction_tolerance
-        return self.reproduction_error <= rep_tol and self.affine_error <= self.tolerance
+        return (
+            self.nonfinite is None
+            and math.isfinite(self.reproduction_error)
+            and math.isfinite(self.affine_error)
+            and self.reproduction_error <= rep_tol
+            and self.affine_error <= self.tolerance
+        )
+
+    def describe(self) -> str:
+        """One line for an error message or a report."""
+        rep_tol = self.tolerance if self.reproduction_tolerance is None else self.reproduction_tolerance
+        text = (
+            f"output={self.output}: reproduction error {self.reproduction_error:.2e} (tolerance {rep_tol:.0e}), "
+            f"affine error {self.affine_error:.2e} (tolerance {self.tolerance:.0e})"
+        )
+        return text + (f"; non-finite: {self.nonfinite}" if self.nonfinite else "")
 
 
 def affinity_scales(dtype: torch.dtype) -> tuple[float, float, float]:
@@ -514,36 +483,62 @@ def verify_replay(
     x0 = state.x0
     tol = default_tolerance(x0.dtype) if tolerance is None else tolerance
     rep_tol = tol
-    if tolerance is None and state.backend == "bridge" and x0.dtype == torch.float64:
+    if tolerance is None and x0.dtype == torch.float64 and float32_norms_in_float64(model):
         # HF RMSNorm upcasts to float32 inside a float64 model: the model itself is float32-accurate
         # there, while the replay (bridge's own float64 norm path) stays affine to float64 precision.
-        if getattr(model.cfg, "normalization_type", None) in ("RMS", "RMSPre"):
-            rep_tol = 1e-5
+        rep_tol = 1e-5
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # A direction well above x0's rounding: at t = 1e-3 the check resolves t·T v against eps·|F(x0)|.
     scale = 10.0 * max(1.0, float(x0.double().pow(2).mean().sqrt()))
     v = (scale * torch.randn(x0.shape, generator=gen, dtype=torch.float64)).to(x0)
     ts = affinity_scales(x0.dtype)
     batch = torch.stack([x0, x0 + v] + [x0 + t * v for t in ts])
+    labels = ["replay at x0", "probe x0 + v"] + [f"probe x0 + {t:g} v" for t in ts]
+    tiny = torch.finfo(x0.dtype).tiny
     checks = []
     for output in outputs:
         with torch.no_grad():
             ys = replay(model, state, batch, output=output)
         ref = model_output(model, state, output)[0]
+        bad = ([] if bool(torch.isfinite(ref).all()) else ["the model's own output"]) + [
+            label for label, y in zip(labels, ys, strict=True) if not bool(torch.isfinite(y).all())
+        ]
+        if not bool(torch.isfinite(x0).all()):
+            bad.insert(0, "the input x0")
         f0, f1 = ys[0], ys[1]
-        rep = float((f0 - ref).norm() / ref.norm().clamp_min(torch.finfo(ref.dtype).tiny))
-        aff = 0.0
+        rep = float((f0 - ref).norm() / ref.norm().clamp_min(tiny))
+        affs = []
         for t, ft in zip(ts, ys[2:], strict=True):
             lin = t * (f1 - f0)
-            aff = max(aff, float((ft - f0 - lin).norm() / lin.norm().clamp_min(torch.finfo(ref.dtype).tiny)))
-        checks.append(ReplayCheck(output, rep, aff, tol, rep_tol))
+            affs.append(float((ft - f0 - lin).norm() / lin.norm().clamp_min(tiny)))
+        # max() would keep an earlier value over a NaN: any non-finite error is reported as inf.
+        aff = math.inf if any(not math.isfinite(a) for a in affs) else max(affs)
+        rep = rep if math.isfinite(rep) else math.inf
+        checks.append(ReplayCheck(output, rep, aff, tol, rep_tol, ", ".join(bad) or None))
     failed = [c for c in checks if not c.ok]
     if failed and raise_on_failure:
-        raise VerificationError(
-            "; ".join(
-                f"output={c.output}: reproduction error {c.reproduction_error:.2e}, affine error "
-                f"{c.affine_error:.2e} (tolerances {c.reproduction_tolerance or c.tolerance:.0e}, {c.tolerance:.0e})"
-                for c in failed
-            )
-        )
+        raise VerificationError("; ".join(c.describe() for c in failed))
     return checks
+
+
+__all__ = [
+    "OUTPUT_POINTS",
+    "HookList",
+    "OutputPoint",
+    "ReplayCheck",
+    "ReplaySpec",
+    "StopForward",
+    "affinity_scales",
+    "default_tolerance",
+    "feed",
+    "frozen_hooks",
+    "hooks_on",
+    "linearized",
+    "live",
+    "model_output",
+    "record",
+    "replay",
+    "run",
+    "stop_at",
+    "verify_replay",
+]

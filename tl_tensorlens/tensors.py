@@ -1,60 +1,53 @@
-"""Attention tensors: the lens object, slices, blocks, heads, collapses, on a memory-aware engine.
+"""The lens: TensorLens, its slices, blocks, heads and collapses (the user API on the engine).
 
 TensorLens (Atad et al. 2026, Sec. 3.4-3.5, App. C) writes the frozen model as
 ``F(X) = T vec(X) + c`` with the 4th-order tensor ``T[pos_out, d_out, pos_in, d_in]``. ``T`` is the
 Jacobian of the frozen replay (:mod:`tl_tensorlens.replay`), so it is never assembled from formulas
-here: every object is computed from batched vector-Jacobian products (reverse mode: one per output
-channel for a slice, one per output position for the In+Out / class collapses) or Jacobian-vector
-products (forward mode: one per input position for the per-input contributions), in chunks sized
-from a memory budget. Causal captures (every frozen pattern lower-triangular) replay only the
-prefix ``<= i`` for output position ``i``.
+here: every object comes from the engine's chunked vector-Jacobian products (reverse mode: one per
+output channel for a slice, one per output position for the In+Out / In+Class collapses) or
+Jacobian-vector products (forward mode: one per input position for the per-input contributions),
+sized from a memory budget (:mod:`tl_tensorlens.engine`).
 
-Collapses to ``[pos_out, pos_in]`` maps (Sec. 3.5):
+Collapses to ``[pos_out, pos_in]`` maps (Sec. 3.5), one name each:
 
 * ``"norm"`` (Eq. 21): ``M[i, j] = ‖T[i, :, j, :]‖_F``;
 * ``"in_out"`` (Eq. 22-23): ``M[i, j] = h_outᵢᵀ T[i, :, j, :] h_inⱼ``, rows sum to ``h_outᵢᵀ (F(X)ᵢ − cᵢ)``;
-* ``"logit"`` / ``"class"`` (Eq. 24): ``M[i, j] = uᵀ T[i, :, j, :] xⱼ`` for an unembedding column or any
-  readout direction ``u``; rows plus ``uᵀcᵢ`` (plus ``b_U``) give the logit.
+* ``"in_class"`` (Eq. 24): ``M[i, j] = uᵀ T[i, :, j, :] xⱼ`` for the unembedding column of a token
+  (``token=``) or any readout direction (``direction=``, e.g. a classifier head's column); rows plus
+  ``uᵀcᵢ`` (plus ``b_U``) give the logit / class score. ``"logit"`` and ``"class"`` are its
+  deprecated names.
 """
 
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_tensorlens._backend import OutputPoint
+from tl_tensorlens._checks import as_int, as_position, as_positions, as_token_ids
+from tl_tensorlens._deprecation import moved_names, warn_deprecated
 from tl_tensorlens.capture import FrozenState, capture
-from tl_tensorlens.errors import MemoryBudgetError, ReplayError
-from tl_tensorlens.replay import OutputPoint, ReplaySpec, _run, model_output, verify_replay
+from tl_tensorlens.engine import Engine, check_budget, default_memory_budget, progress_bar, resolve_memory_budget
+from tl_tensorlens.errors import ArgumentError
+from tl_tensorlens.replay import ReplaySpec, model_output, run, verify_replay
 
-CollapseKind = Literal["norm", "in_out", "logit", "class"]
-
-_DEFAULT_BUDGET = 4 * 2**30
-
-
-def default_memory_budget() -> int:
-    """Bytes a lens may allocate at once: ``TL_TENSORLENS_MEMORY_BUDGET`` (bytes) or 4 GiB."""
-    env = os.environ.get("TL_TENSORLENS_MEMORY_BUDGET")
-    return int(float(env)) if env else _DEFAULT_BUDGET
+CollapseKind = Literal["norm", "in_out", "in_class"]
+COLLAPSE_KINDS: tuple[str, ...] = ("norm", "in_out", "in_class")
+#: Deprecated collapse names (0.1) -> the one name of 0.2.
+_OLD_KINDS = {"logit": "in_class", "class": "in_class"}
 
 
-def _fmt_bytes(n: float | int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _progress(total: int, desc: str, enabled: bool | None) -> Any:
-    from tqdm.auto import tqdm
-
-    disable = (total < 32) if enabled is None else not enabled
-    return tqdm(total=total, desc=desc, disable=disable, leave=False)
+def _kind(kind: Any, allowed: Sequence[str] = COLLAPSE_KINDS) -> str:
+    if isinstance(kind, str) and kind in _OLD_KINDS:
+        warn_deprecated(f"collapse kind {kind!r}", "'in_class' (with token= or direction=)", stacklevel=4)
+        kind = _OLD_KINDS[kind]
+    if not isinstance(kind, str) or kind not in allowed:
+        raise ArgumentError("kind", kind, f"one of {tuple(allowed)}")
+    return kind
 
 
 @dataclass(frozen=True)
@@ -105,6 +98,11 @@ class HeadTensor:
     pattern: Float[Tensor, "dest_pos src_pos"]
     W_V: Float[Tensor, "d_model d_head"]
     W_O: Float[Tensor, "d_head d_model"]
+    memory_budget: int | None = field(default=None, compare=False)
+
+    def _check(self, shape: tuple[int, ...], what: str, cheaper: str) -> None:
+        budget = default_memory_budget(self.pattern.device) if self.memory_budget is None else self.memory_budget
+        check_budget(math.prod(shape) * self.pattern.element_size(), budget, what, cheaper)
 
     @property
     def OV(self) -> Any:
@@ -119,11 +117,16 @@ class HeadTensor:
 
     def __getitem__(self, dest_pos: int) -> Float[Tensor, "d_model src_pos d_model"]:
         """Output-position slice ``T_h[dest_pos]`` ``[d_out, src_pos, d_in]``."""
+        n, d = self.pattern.shape[0], self.W_V.shape[0]
+        dest_pos = as_position("dest_pos", dest_pos, n)
+        self._check((d, n, d), f"HeadTensor[{dest_pos}] [{d}, {n}, {d}]", "norm_collapse() or OV (a FactoredMatrix)")
         ov = self.W_V @ self.W_O
         return torch.einsum("k,de->ekd", self.pattern[dest_pos], ov)
 
     def full(self) -> Float[Tensor, "dest_pos d_model src_pos d_model"]:
         """Materialize ``[dest_pos, d_out, src_pos, d_in]``."""
+        n, d = self.pattern.shape[0], self.W_V.shape[0]
+        self._check((n, d, n, d), f"HeadTensor.full() [{n}, {d}, {n}, {d}]", "head[dest_pos], norm_collapse() or OV")
         ov = self.W_V @ self.W_O
         return torch.einsum("qk,de->qekd", self.pattern, ov)
 
@@ -140,49 +143,20 @@ class HeadTensor:
         )
 
 
-class _Pullback:
-    """``g ↦ Tᵀ g`` for batches of cotangents, from ONE forward of the replay at batch 1.
-
-    The replay is affine, so its backward does not depend on the primal: the forward graph is kept
-    (``retain_graph``) and every chunk of cotangents is pulled back through it with a vmapped
-    backward (``is_grads_batched``). Falls back to a loop of single backwards where an op has no
-    batching rule.
-    """
-
-    def __init__(self, model: Any, state: FrozenState, spec: ReplaySpec):
-        self.x = state.resid_pre(spec.start).detach()[None].clone().requires_grad_(True)
-        with torch.enable_grad():
-            self.y = _run(model, state, self.x, spec)
-        self.batched = True
-
-    def __call__(self, g: Tensor) -> Tensor:
-        g = g.to(self.y.dtype)
-        if self.batched:
-            try:
-                (gx,) = torch.autograd.grad(
-                    self.y, self.x, grad_outputs=g[:, None], retain_graph=True, is_grads_batched=True
-                )
-                return gx[:, 0].detach()
-            except RuntimeError:
-                self.batched = False
-        return torch.stack(
-            [torch.autograd.grad(self.y, self.x, grad_outputs=gi[None], retain_graph=True)[0][0] for gi in g]
-        ).detach()
-
-
 class TensorLens:
     """The model at one prompt as an exact affine operator ``F(X) = T vec(X) + c``.
 
     Build it once (one forward pass), then ask for slices, the full tensor, per-block, per-head and
     layer-range tensors, per-input contributions and N×N collapses; nothing larger than asked for is
-    ever materialized, and requests over the memory budget are refused before allocating.
+    ever materialized, and every request is estimated against the memory budget before allocating.
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
-        ...     d_vocab=20, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
-        >>> model = HookedTransformer(cfg)
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
+        ...     d_vocab=20, n_ctx=8, act_fn="gelu_new", seed=0)
+        >>> model = TransformerBridge.boot_native(cfg, dtype=torch.float64).eval()
         >>> lens = TensorLens.from_model(model, torch.tensor([1, 4, 2, 7]), output="ln_final")
         >>> T = lens.full()
         >>> T.shape
@@ -190,7 +164,7 @@ class TensorLens:
         >>> y = torch.einsum("idjk,jk->id", T, lens.input) + lens.bias
         >>> bool(torch.allclose(y, lens.output))
         True
-        >>> lens.collapse("logit", token=3).shape
+        >>> lens.collapse("in_class", token=3).shape
         torch.Size([4, 4])
     """
 
@@ -201,15 +175,18 @@ class TensorLens:
         spec: ReplaySpec,
         *,
         bias: bool = True,
-        memory_budget: int | None = None,
+        memory_budget: int | str | None = None,
         progress: bool | None = None,
     ):
         self.model = model
         self.state = state
         self.spec = spec.resolved(state)
+        if not isinstance(bias, bool):
+            raise ArgumentError("bias", bias, "True or False")
         self.with_bias = bias
-        self.memory_budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+        self.memory_budget = resolve_memory_budget(memory_budget, state.x0.device)
         self.progress = progress
+        self.engine = Engine(model, state, self.spec, self.memory_budget, progress)
         self._bias: Tensor | None = None
         self._output: Tensor | None = None
 
@@ -225,7 +202,7 @@ class TensorLens:
         heads: Mapping[int, Sequence[int]] | None = None,
         bias: bool = True,
         verify: bool = True,
-        memory_budget: int | None = None,
+        memory_budget: int | str | None = None,
         progress: bool | None = None,
     ) -> "TensorLens":
         """Capture ``tokens`` (one forward) and build the lens.
@@ -242,7 +219,8 @@ class TensorLens:
                 one batched replay of 5 inputs and catches any nonlinearity the capture could not see
                 (an unhooked activation in an architecture this library has not met); pass False to
                 skip it.
-            memory_budget: bytes one request may allocate (default :func:`default_memory_budget`).
+            memory_budget: bytes one request may allocate, or a size such as ``"2GiB"`` (default
+                :func:`~tl_tensorlens.engine.default_memory_budget`).
             progress: show tqdm bars (None: only for long work).
         """
         state = capture(model, tokens)
@@ -269,11 +247,13 @@ class TensorLens:
         layers: tuple[int, int] | None = None,
         heads: Mapping[int, Sequence[int]] | None = None,
         bias: bool = True,
-        memory_budget: int | None = None,
+        memory_budget: int | str | None = None,
         progress: bool | None = None,
     ) -> "TensorLens":
         """Build a lens from an existing capture (no forward pass)."""
-        start, stop = layers if layers is not None else (0, None)
+        if not isinstance(state, FrozenState):
+            raise ArgumentError("state", type(state).__name__, "a FrozenState from tl_tensorlens.capture")
+        start, stop = _range(layers)
         spec = ReplaySpec(output=output, start=start, stop=stop, heads=heads)
         return cls(model, state, spec, bias=bias, memory_budget=memory_budget, progress=progress)
 
@@ -290,11 +270,20 @@ class TensorLens:
 
     def block(self, layer: int) -> "TensorLens":
         """Block ``layer`` alone: ``blocks.{layer}.hook_resid_pre`` → its output (``resid_post``)."""
-        return self._derive(start=layer, stop=layer + 1, output="resid_post")
+        layer = as_int("layer", layer, lo=0, hi=self.state.n_layers - 1)
+        return self._derive(start=layer, stop=layer + 1, output="resid_post", heads=self._heads_in(layer, layer + 1))
 
     def layer_range(self, start: int, stop: int, *, output: OutputPoint = "resid_post") -> "TensorLens":
         """Blocks ``start .. stop-1``: their input → the output point."""
-        return self._derive(start=start, stop=stop, output=output)
+        return self._derive(start=start, stop=stop, output=output, heads=self._heads_in(start, stop))
+
+    def _heads_in(self, start: Any, stop: Any) -> dict[int, tuple[int, ...]] | None:
+        """The lens's head subset restricted to a new range (layers outside it do not apply there)."""
+        if self.spec.heads is None:
+            return None
+        if not isinstance(start, int) or not isinstance(stop, int):
+            return {k: tuple(v) for k, v in self.spec.heads.items()}  # let the spec refuse the range by name
+        return {k: tuple(v) for k, v in self.spec.heads.items() if start <= k < stop} or None
 
     def with_heads(self, heads: Mapping[int, Sequence[int]] | None) -> "TensorLens":
         """The same lens with only ``heads`` kept per layer (others zeroed)."""
@@ -302,15 +291,17 @@ class TensorLens:
 
     def head(self, layer: int, head: int) -> HeadTensor:
         """Per-head tensor ``A_h ⊗ (W_V^h W_O^h)ᵀ`` of ``layer``, factored (see :class:`HeadTensor`)."""
+        layer = as_int("layer", layer, lo=0, hi=self.state.n_layers - 1)
         attn = self.model.blocks[layer].attn
         W_V, W_O = attn.W_V, attn.W_O
         n_heads = W_O.shape[0]
-        if not 0 <= head < n_heads:
-            raise ReplayError(f"head {head} out of range 0..{n_heads - 1} for layer {layer}")
+        head = as_int("head", head, lo=0, hi=n_heads - 1)
         if W_V.shape[0] != n_heads:  # GQA: query head h reads kv group h // (n_heads / n_kv)
             W_V = W_V.repeat_interleave(n_heads // W_V.shape[0], dim=0)
         pattern = self.state.pattern(layer)[head]
-        return HeadTensor(layer, head, pattern.detach(), W_V[head].detach(), W_O[head].detach())
+        return HeadTensor(
+            layer, head, pattern.detach(), W_V[head].detach(), W_O[head].detach(), memory_budget=self.memory_budget
+        )
 
     # ------------------------------------------------------------------ basic quantities
     @property
@@ -333,19 +324,19 @@ class TensorLens:
         """``F(x) = T x + c`` at the captured input (``T x`` alone when ``bias=False``)."""
         if self._output is None:
             with torch.no_grad():
-                y = _run(self.model, self.state, self.input[None], self.spec)[0]
+                y = run(self.model, self.state, self.input[None], self.spec)[0]
             self._output = (y - self._affine_constant()) if not self.with_bias else y
         return self._output
 
     @property
     def d_out(self) -> int:
         """Output channels (d_model, or d_vocab for logits)."""
-        return int(self.bias.shape[-1])
+        return self.engine.d_out
 
     def _affine_constant(self) -> Tensor:
         if self._bias is None:
             with torch.no_grad():
-                self._bias = _run(self.model, self.state, torch.zeros_like(self.input)[None], self.spec)[0]
+                self._bias = run(self.model, self.state, torch.zeros_like(self.input)[None], self.spec)[0]
         return self._bias
 
     @property
@@ -359,161 +350,120 @@ class TensorLens:
         """The model's own output at this lens's output point, from the capture (full head set)."""
         return model_output(self.model, self.state, self.spec.output, self.spec.stop)[0]
 
-    # ------------------------------------------------------------------ engine
-    def _item_bytes(self, n: int) -> int:
-        """Rough activation memory of one replay item of length n with its backward graph."""
-        cfg = self.model.cfg
-        d = self.d_in
-        d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d)
-        h = int(cfg.n_heads)
-        layers = int(self.spec.stop or self.state.n_layers)
-        item = self.input.element_size()
-        per_layer = n * (16 * d + 4 * d_mlp) + 4 * h * n * n
-        d_vocab = int(getattr(cfg, "d_vocab", 0) or 0)
-        head = n * (3 * d_vocab if self.spec.output == "logits" else 4 * d)
-        return item * (layers * per_layer + head)
+    def _bytes(self, *shape: int) -> int:
+        return math.prod(shape) * self.input.element_size()
 
-    def _chunk(self, n: int, total: int, extra_per_item: int = 0) -> int:
-        per = self._item_bytes(n) + extra_per_item
-        return max(1, min(total, self.memory_budget // max(per, 1)))
-
-    def _check_budget(self, nbytes: int, what: str, cheaper: str) -> None:
-        if nbytes > self.memory_budget:
-            raise MemoryBudgetError(
-                f"{what} needs an estimated {_fmt_bytes(nbytes)}, over the memory budget of "
-                f"{_fmt_bytes(self.memory_budget)} (TL_TENSORLENS_MEMORY_BUDGET or memory_budget=); "
-                f"cheaper: {cheaper}"
-            )
-
-    def _state_for(self, i: int) -> FrozenState:
-        """The capture cut to positions <= i when causal (exact then), else the whole capture."""
-        if self._causal and i + 1 < self.n_pos:
-            return self.state.prefix(i + 1)
-        return self.state
-
-    @property
-    def _causal(self) -> bool:
-        if not hasattr(self, "_causal_cache"):
-            self._causal_cache = self.state.is_causal
-        return self._causal_cache
-
-    def _pullback(self, state: FrozenState) -> "_Pullback":
-        """``g ↦ Tᵀ g`` on (a prefix of) the capture: one forward at batch 1, then batched backwards."""
-        return _Pullback(self.model, state, self.spec)
-
-    def _jvp(self, x: Tensor) -> Tensor:
-        """``T x`` for a batch ``x`` [B, pos, d_in] (forward mode: no ``F(x) - F(0)`` cancellation)."""
-        primal = torch.zeros_like(x)
-        with torch.enable_grad():
-            tangent_out = torch.func.jvp(lambda inp: _run(self.model, self.state, inp, self.spec), (primal,), (x,))[1]
-        return tangent_out.detach()
-
+    # ------------------------------------------------------------------ operator products
     def apply(self, x: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos d_out"]:
         """``T · x`` without materializing ``T`` (batched; the bias is not added)."""
-        squeeze = x.ndim == 2
+        squeeze = isinstance(x, Tensor) and x.ndim == 2
         xb = x[None] if squeeze else x
-        if xb.ndim != 3 or xb.shape[1:] != self.input.shape:
-            raise ReplayError(
-                f"apply: x must be [batch, {self.n_pos}, {self.d_in}] or [pos, d_model], got {tuple(x.shape)}"
+        if not isinstance(xb, Tensor) or xb.ndim != 3 or xb.shape[1:] != self.input.shape:
+            raise ArgumentError(
+                "x",
+                tuple(x.shape) if isinstance(x, Tensor) else x,
+                f"a tensor [batch, {self.n_pos}, {self.d_in}] or [{self.n_pos}, {self.d_in}]",
             )
-        chunk = self._chunk(self.n_pos, xb.shape[0])
-        outs = [self._jvp(xb[s : s + chunk].to(self.input)) for s in range(0, xb.shape[0], chunk)]
-        y = torch.cat(outs)
-        return y[0] if squeeze else y
+        k = xb.shape[0]
+        out = None
+        chunks = self.engine.column_chunks(
+            k,
+            lambda s, e: xb[s:e],
+            reserved=self._bytes(k, self.n_pos, self.d_out),
+            what=f"apply() of {k} inputs",
+            cheaper="fewer inputs per call",
+        )
+        for s, e, y in chunks:
+            if out is None:
+                out = torch.empty(k, *y.shape[1:], dtype=y.dtype, device=y.device)
+            out[s:e] = y
+        assert out is not None
+        return out[0] if squeeze else out
 
     def apply_adjoint(self, g: Float[Tensor, "*batch pos d_out"]) -> Float[Tensor, "*batch pos d_model"]:
         """``Tᵀ · g`` without materializing ``T`` (batched)."""
-        squeeze = g.ndim == 2
+        squeeze = isinstance(g, Tensor) and g.ndim == 2
         gb = g[None] if squeeze else g
-        if gb.ndim != 3 or gb.shape[1:] != self.bias.shape:
-            raise ReplayError(f"apply_adjoint: g must be [batch, {self.n_pos}, {self.d_out}], got {tuple(g.shape)}")
-        chunk = self._chunk(self.n_pos, gb.shape[0])
-        pull = self._pullback(self.state)
-        x = torch.cat([pull(gb[s : s + chunk].to(self.input)) for s in range(0, gb.shape[0], chunk)])
-        return x[0] if squeeze else x
+        if not isinstance(gb, Tensor) or gb.ndim != 3 or tuple(gb.shape[1:]) != (self.n_pos, self.d_out):
+            raise ArgumentError(
+                "g",
+                tuple(g.shape) if isinstance(g, Tensor) else g,
+                f"a tensor [batch, {self.n_pos}, {self.d_out}] or [{self.n_pos}, {self.d_out}]",
+            )
+        k = gb.shape[0]
+        out = torch.empty(k, self.n_pos, self.d_in, dtype=self.input.dtype, device=self.input.device)
+        chunks = self.engine.adjoint_chunks(
+            k,
+            lambda s, e: gb[s:e],
+            reserved=self._bytes(k, self.n_pos, self.d_in),
+            what=f"apply_adjoint() of {k} cotangents",
+            cheaper="fewer cotangents per call",
+        )
+        for s, e, adj in chunks:
+            out[s:e] = adj.to(out)
+        return out[0] if squeeze else out
 
     def replay(self, x: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos d_out"]:
         """``F(x) = T x + c`` (``T x`` when the lens has ``bias=False``)."""
         return self.apply(x) + self.bias
 
-    def _rows(self, i: int, cot: Tensor, desc: str = "") -> Tensor:
-        """``Tᵀ`` applied to cotangents living on output position ``i`` only.
-
-        Args:
-            cot: ``[k, d_out]`` cotangents at position i.
-
-        Returns:
-            ``[k, pos_in, d_in]`` (zeros beyond ``i`` for causal captures).
-        """
-        state = self._state_for(i)
-        n = state.n_pos
-        k = cot.shape[0]
-        out = torch.zeros(k, self.n_pos, self.d_in, dtype=self.input.dtype, device=self.input.device)
-        chunk = self._chunk(n, k, extra_per_item=2 * n * (self.d_out + self.d_in) * self.input.element_size())
-        pull = self._pullback(state)
-        for s in range(0, k, chunk):
-            c = cot[s : s + chunk]
-            g = torch.zeros(c.shape[0], n, self.d_out, dtype=self.input.dtype, device=self.input.device)
-            g[:, i] = c
-            out[s : s + c.shape[0], :n] = pull(g)
-        return out
-
-    def _positions(self, positions: Sequence[int] | int | None) -> list[int]:
-        if positions is None:
-            return list(range(self.n_pos))
-        if isinstance(positions, int):
-            positions = [positions]
-        pos = [int(p) + self.n_pos if int(p) < 0 else int(p) for p in positions]
-        for p in pos:
-            if not 0 <= p < self.n_pos:
-                raise ReplayError(f"output position {p} out of range 0..{self.n_pos - 1}")
-        return pos
+    def _eye_rows(self, s: int, e: int) -> Tensor:
+        """Rows ``s..e`` of the ``d_out`` identity, made on demand."""
+        g = torch.zeros(e - s, self.d_out, dtype=self.input.dtype, device=self.input.device)
+        g[torch.arange(e - s), torch.arange(s, e)] = 1
+        return g
 
     # ------------------------------------------------------------------ tensors
     def slice(self, pos_out: int) -> Float[Tensor, "d_out pos_in d_in"]:
         """``T[pos_out]``: one VJP per output channel (batched)."""
-        (i,) = self._positions(pos_out)
-        nbytes = self.d_out * self.n_pos * self.d_in * self.input.element_size()
-        self._check_budget(
-            nbytes,
-            f"slice({pos_out}) [{self.d_out}, {self.n_pos}, {self.d_in}]",
-            "collapse(..., positions=[i]) or a 'ln_final' output instead of 'logits'",
-        )
-        eye = torch.eye(self.d_out, dtype=self.input.dtype, device=self.input.device)
-        return self._rows(i, eye)
+        i = as_position("pos_out", pos_out, self.n_pos)
+        reserved = self._bytes(self.d_out, self.n_pos, self.d_in)
+        what = f"slice({pos_out}) [{self.d_out}, {self.n_pos}, {self.d_in}]"
+        cheaper = "collapse(..., positions=[i]), collapse_randomized_norm(k), or output='ln_final' instead of 'logits'"
+        check_budget(reserved, self.memory_budget, what, cheaper)
+        out = torch.zeros(self.d_out, self.n_pos, self.d_in, dtype=self.input.dtype, device=self.input.device)
+        chunks = self.engine.row_chunks(i, self.d_out, self._eye_rows, reserved=reserved, what=what, cheaper=cheaper)
+        for s, e, adj in chunks:
+            out[s:e, : adj.shape[1]] = adj.to(out)
+        return out
 
     def full(self, *, method: Literal["reverse", "forward"] = "reverse") -> Float[Tensor, "pos_out d_out pos_in d_in"]:
         """The whole tensor ``[pos_out, d_out, pos_in, d_in]``.
 
         ``method="reverse"`` stacks slices (causal prefixes make it ~2x cheaper);
-        ``method="forward"`` pushes the ``pos·d_in`` basis vectors through the replay in batches.
+        ``method="forward"`` pushes the ``pos·d_in`` basis vectors through the replay, in chunks made
+        on demand (the identity is never allocated).
         """
+        if method not in ("reverse", "forward"):
+            raise ArgumentError("method", method, "'reverse' or 'forward'")
         n, d_in, d_out = self.n_pos, self.d_in, self.d_out
-        nbytes = n * d_out * n * d_in * self.input.element_size()
-        self._check_budget(
-            nbytes,
-            f"full() [{n}, {d_out}, {n}, {d_in}]",
-            "slice(i), collapse(...), contributions(), or fewer positions",
-        )
+        reserved = self._bytes(n, d_out, n, d_in)
+        what = f"full() [{n}, {d_out}, {n}, {d_in}]"
+        cheaper = "slice(i), collapse(...), contributions(), or fewer positions"
+        check_budget(reserved, self.memory_budget, what, cheaper)
         T = torch.zeros(n, d_out, n, d_in, dtype=self.input.dtype, device=self.input.device)
         if method == "reverse":
-            bar = _progress(n, "full (reverse)", self.progress)
-            eye = torch.eye(d_out, dtype=self.input.dtype, device=self.input.device)
+            bar = progress_bar(n, "full (reverse)", self.progress)
             for i in range(n):
-                T[i] = self._rows(i, eye)
+                for s, e, adj in self.engine.row_chunks(
+                    i, d_out, self._eye_rows, reserved=reserved, what=what, cheaper=cheaper
+                ):
+                    T[i, s:e, : adj.shape[1]] = adj.to(T)
                 bar.update(1)
             bar.close()
             return T
-        if method != "forward":
-            raise ReplayError(f"full(method={method!r}): choose 'reverse' or 'forward'")
-        basis = torch.eye(n * d_in, dtype=self.input.dtype, device=self.input.device).reshape(n * d_in, n, d_in)
-        chunk = self._chunk(n, n * d_in)
-        bar = _progress(n * d_in, "full (forward)", self.progress)
-        for s in range(0, n * d_in, chunk):
-            cols = self._jvp(basis[s : s + chunk])  # [k, n_out, d_out]
-            idx = torch.arange(s, s + cols.shape[0])
-            T[:, :, idx // d_in, idx % d_in] = cols.permute(1, 2, 0)
-            bar.update(cols.shape[0])
+
+        def basis(s: int, e: int) -> Tensor:
+            t = torch.zeros(e - s, n, d_in, dtype=self.input.dtype, device=self.input.device)
+            idx = torch.arange(s, e, device=t.device)
+            t[torch.arange(e - s, device=t.device), idx // d_in, idx % d_in] = 1
+            return t
+
+        bar = progress_bar(n * d_in, "full (forward)", self.progress)
+        for s, e, cols in self.engine.column_chunks(n * d_in, basis, reserved=reserved, what=what, cheaper=cheaper):
+            idx = torch.arange(s, e)
+            T[:, :, idx // d_in, idx % d_in] = cols.permute(1, 2, 0).to(T)
+            bar.update(e - s)
         bar.close()
         return T
 
@@ -523,40 +473,60 @@ class TensorLens:
         Forward mode: one JVP per input position (batched).
         """
         n = self.n_pos
-        nbytes = n * n * self.d_out * self.input.element_size()
-        self._check_budget(nbytes, f"contributions() [{n}, {n}, {self.d_out}]", "collapse('class', direction=...)")
+        reserved = self._bytes(n, n, self.d_out)
+        what = f"contributions() [{n}, {n}, {self.d_out}]"
+        cheaper = "collapse('in_class', direction=...)"
+        check_budget(reserved, self.memory_budget, what, cheaper)
         x = self.input
-        basis = torch.zeros(n, n, self.d_in, dtype=x.dtype, device=x.device)
-        basis[torch.arange(n), torch.arange(n)] = x
-        out = self.apply(basis)  # [j, i, d_out]
-        return out.permute(1, 0, 2).contiguous()
+        out = torch.zeros(n, n, self.d_out, dtype=x.dtype, device=x.device)
+
+        def placed(s: int, e: int) -> Tensor:
+            t = torch.zeros(e - s, n, self.d_in, dtype=x.dtype, device=x.device)
+            t[torch.arange(e - s), torch.arange(s, e)] = x[s:e]
+            return t
+
+        for s, e, y in self.engine.column_chunks(n, placed, reserved=reserved, what=what, cheaper=cheaper):
+            out[:, s:e] = y.permute(1, 0, 2).to(out)  # [j, i, d_out] -> [i, j, d_out]
+        return out
 
     # ------------------------------------------------------------------ collapses
-    def _readout(self, kind: str, token: Any, direction: Any) -> Tensor:
-        """Per-output-position readout vectors ``u_i`` [pos, d_out] for the class/logit collapses."""
+    def _readout(self, token: Any, direction: Any) -> Tensor:
+        """Per-output-position readout vectors ``u_i`` [pos, d_out] of the In+Class collapse."""
         n = self.n_pos
-        if kind == "class":
-            if direction is None:
-                raise ReplayError("collapse('class') needs direction= (a [d_out] or [pos_out, d_out] readout)")
-            u = torch.as_tensor(direction).to(self.input)
+        if (token is None) == (direction is None):
+            raise ArgumentError(
+                "token/direction",
+                (token, direction) if token is not None else None,
+                "exactly one of token= (an id, or one per output position) and direction= (a readout "
+                "[d_out] or [pos_out, d_out])",
+            )
+        if direction is not None:
+            if not isinstance(direction, Tensor) or not direction.is_floating_point():
+                raise ArgumentError(
+                    "direction", direction, f"a floating tensor [d_out={self.d_out}] or [{n}, {self.d_out}]"
+                )
+            u = direction.detach().to(self.input)
         else:
-            if token is None:
-                raise ReplayError("collapse('logit') needs token= (an id, or one id per output position)")
-            tok = torch.as_tensor(token, device=self.input.device).long()
+            tok = as_token_ids("token", token, int(self.model.cfg.d_vocab))
+            if tok.ndim > 1 or (tok.ndim == 1 and tok.shape[0] != n):
+                raise ArgumentError("token", token, f"one token id, or {n} ids (one per output position)")
+            tok = tok.to(self.input.device)
             if self.spec.output == "logits":
                 u = torch.nn.functional.one_hot(tok, self.d_out).to(self.input)
             elif self.spec.output == "ln_final":
                 cols = self.model.W_U.detach().to(self.input)[:, tok]
                 u = cols if tok.ndim == 0 else cols.T
             else:
-                raise ReplayError(
-                    "collapse('logit') needs output='ln_final' or 'logits' (the residual stream is not read "
-                    "through ln_final); use collapse('class', direction=...) for a readout of resid_post"
+                raise ArgumentError(
+                    "token",
+                    token,
+                    "direction= for output='resid_post' (the residual stream is not read through ln_final), "
+                    "or a lens with output='ln_final' / 'logits' for token=",
                 )
         if u.ndim == 1:
             u = u.expand(n, -1)
-        if u.shape != (n, self.d_out):
-            raise ReplayError(f"readout must be [d_out={self.d_out}] or [pos_out={n}, d_out], got {tuple(u.shape)}")
+        if tuple(u.shape) != (n, self.d_out):
+            raise ArgumentError("direction", tuple(u.shape), f"a readout [d_out={self.d_out}] or [pos_out={n}, d_out]")
         return u
 
     def collapse(
@@ -570,46 +540,60 @@ class TensorLens:
         """Collapse ``T`` to an N×N map (rows: output positions, columns: input positions).
 
         Args:
-            kind: "norm", "in_out", "logit" (needs ``token``) or "class" (needs ``direction``).
-            token: unembedding column(s) for "logit": one id, or one per output position.
-            direction: readout vector(s) for "class" ``[d_out]`` or ``[pos_out, d_out]`` (e.g. a
+            kind: ``"norm"`` (Eq. 21), ``"in_out"`` (Eq. 22) or ``"in_class"`` (Eq. 24, needs ``token``
+                or ``direction``).
+            token: for "in_class": the unembedding column(s) of a token: one id, or one per output
+                position (lenses with ``output="ln_final"`` or ``"logits"``).
+            direction: for "in_class": any readout vector(s) ``[d_out]`` or ``[pos_out, d_out]`` (e.g. a
                 classifier head's column).
             positions: output rows to compute (default all); the result has one row each.
 
         Returns:
             ``[len(positions), pos_in]``.
         """
-        rows = self._positions(positions)
+        kind = _kind(kind)
+        rows = as_positions("positions", positions, self.n_pos)
         n = self.n_pos
-        M = torch.zeros(len(rows), n, dtype=self.input.dtype, device=self.input.device)
         x = self.input
+        M = torch.zeros(len(rows), n, dtype=x.dtype, device=x.device)
         if kind == "norm":
-            bar = _progress(len(rows), "norm collapse", self.progress)
-            eye = torch.eye(self.d_out, dtype=x.dtype, device=x.device)
+            # One row at a time, streamed chunk by chunk: the slice itself is never allocated.
+            what = f"collapse('norm') row [{self.d_out}-cotangent chunks, {n}, {self.d_in}]"
+            cheaper = "collapse_randomized_norm(k) (k VJPs per row instead of d_out)"
+            bar = progress_bar(len(rows), "norm collapse", self.progress)
             for r, i in enumerate(rows):
-                sl = self._rows(i, eye)  # [d_out, n, d_in], one slice at a time
-                M[r] = sl.pow(2).sum(dim=(0, 2)).sqrt()
+                sq = torch.zeros(n, dtype=torch.float64, device=x.device)
+                for _, _, adj in self.engine.row_chunks(
+                    i, self.d_out, self._eye_rows, reserved=self._bytes(len(rows), n), what=what, cheaper=cheaper
+                ):
+                    sq[: adj.shape[1]] += adj.double().pow(2).sum(dim=(0, 2))
+                M[r] = sq.sqrt().to(M)
                 bar.update(1)
             bar.close()
             return M
         if kind == "in_out":
+            if token is not None or direction is not None:
+                raise ArgumentError("token/direction", token if token is not None else "direction", "None for 'in_out'")
             u = self.output
-            h_in = x
-        elif kind in ("logit", "class"):
-            u = self._readout(kind, token, direction)
-            h_in = x
         else:
-            raise ReplayError(f"collapse kind {kind!r}; choose 'norm', 'in_out', 'logit' or 'class'")
-        g = torch.zeros(len(rows), n, self.d_out, dtype=x.dtype, device=x.device)
-        for r, i in enumerate(rows):
-            g[r, i] = u[i]
-        bar = _progress(len(rows), f"{kind} collapse", self.progress)
-        chunk = self._chunk(n, len(rows))
-        pull = self._pullback(self.state)
-        for s in range(0, len(rows), chunk):
-            adj = pull(g[s : s + chunk])  # [k, n, d_in]
-            M[s : s + adj.shape[0]] = (adj * h_in).sum(-1)
-            bar.update(adj.shape[0])
+            u = self._readout(token, direction)
+
+        def cotangents(s: int, e: int) -> Tensor:
+            g = torch.zeros(e - s, n, self.d_out, dtype=x.dtype, device=x.device)
+            for k, i in enumerate(rows[s:e]):
+                g[k, i] = u[i]
+            return g
+
+        bar = progress_bar(len(rows), f"{kind} collapse", self.progress)
+        for s, e, adj in self.engine.adjoint_chunks(
+            len(rows),
+            cotangents,
+            reserved=self._bytes(len(rows), n),
+            what=f"collapse({kind!r}) of {len(rows)} rows",
+            cheaper="fewer positions= per call",
+        ):
+            M[s:e] = (adj.to(x) * x).sum(-1)
+            bar.update(e - s)
         bar.close()
         return M
 
@@ -621,19 +605,18 @@ class TensorLens:
         direction: Float[Tensor, "*pos_out d_out"] | None = None,
     ) -> Float[Tensor, " pos_out"]:
         """The part of the collapsed quantity not attributed to any input: ``uᵢᵀ cᵢ``
-        (``+ b_U[token]`` for the logit collapse at ``ln_final``), so ``collapse(...).sum(-1) +
+        (``+ b_U[token]`` for a token at ``ln_final``), so ``collapse(...).sum(-1) +
         collapse_bias(...)`` is the logit / readout of the model."""
+        kind = _kind(kind, ("in_out", "in_class"))
         c = self.bias
         if kind == "in_out":
             return (self.output * c).sum(-1)
-        if kind not in ("logit", "class"):
-            raise ReplayError(f"collapse_bias({kind!r}): only 'in_out', 'logit' and 'class' have a bias part")
-        u = self._readout(kind, token, direction)
+        u = self._readout(token, direction)
         part = (u * c).sum(-1)
-        if kind == "logit" and self.spec.output == "ln_final":
+        if token is not None and self.spec.output == "ln_final":
             b_U = getattr(self.model, "b_U", None)
             if b_U is not None:
-                tok = torch.as_tensor(token, device=c.device).long().expand(self.n_pos)
+                tok = as_token_ids("token", token, int(self.model.cfg.d_vocab)).to(c.device).expand(self.n_pos)
                 part = part + b_U.detach().to(c)[tok]
         return part
 
@@ -644,24 +627,38 @@ class TensorLens:
 
         For ``B = T[i, :, j, :]`` and a Rademacher probe ``z`` on output position ``i``,
         ``E‖Bᵀz‖² = ‖B‖²_F``, and one VJP gives ``Bᵀz`` for every ``j`` at once. Cost: ``probes`` VJPs
-        per row instead of ``d_out``; the standard error shrinks as ``1/sqrt(probes)``.
+        per row instead of ``d_out``; the standard error shrinks as ``1/sqrt(probes)``. Probes are
+        streamed in chunks under the memory budget; only the per-probe samples ``[probes, pos_in]``
+        are kept.
 
         The per-probe samples ``‖Bᵀz‖²`` are skewed when a few directions dominate ``B``, so with few
         probes (< ~100) the *reported* standard error (sample std / sqrt(probes)) tends to
         under-cover; the estimate itself stays unbiased at any ``probes``.
         """
-        if probes < 2:
-            raise ReplayError("collapse_randomized_norm needs probes >= 2 to report a standard error")
-        rows = self._positions(positions)
+        probes = as_int("probes", probes, lo=2, allowed="an integer >= 2 (a standard error needs two probes)")
+        seed = as_int("seed", seed)
+        rows = as_positions("positions", positions, self.n_pos)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         n = self.n_pos
         sq = torch.zeros(len(rows), n, dtype=self.input.dtype)
         se = torch.zeros_like(sq)
-        bar = _progress(len(rows), "randomized norm", self.progress)
+        bar = progress_bar(len(rows), "randomized norm", self.progress)
         for r, i in enumerate(rows):
-            z = (torch.randint(0, 2, (probes, self.d_out), generator=gen) * 2 - 1).to(self.input)
-            adj = self._rows(i, z)  # [probes, n, d_in]
-            samples = adj.pow(2).sum(-1)  # [probes, n]
+            samples = torch.zeros(probes, n, dtype=self.input.dtype, device=self.input.device)
+
+            def probe(s: int, e: int) -> Tensor:
+                # Drawn chunk by chunk from one generator: the same stream as one [probes, d_out] draw.
+                return (torch.randint(0, 2, (e - s, self.d_out), generator=gen) * 2 - 1).to(self.input)
+
+            for s, e, adj in self.engine.row_chunks(
+                i,
+                probes,
+                probe,
+                reserved=self._bytes(probes, n) + self._bytes(2, len(rows), n),
+                what=f"collapse_randomized_norm({probes}) row",
+                cheaper="fewer probes",
+            ):
+                samples[s:e, : adj.shape[1]] = adj.to(samples).pow(2).sum(-1)
             sq[r] = samples.mean(0).cpu()
             se[r] = (samples.std(0, unbiased=True) / math.sqrt(probes)).cpu()
             bar.update(1)
@@ -681,4 +678,14 @@ class TensorLens:
         raise TypeError("TensorLens is not iterable; use slice(i) or full()")
 
 
-__all__ = ["HeadTensor", "RandomizedNorm", "TensorLens", "default_memory_budget"]
+def _range(layers: Any) -> tuple[Any, Any]:
+    if layers is None:
+        return 0, None
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) != 2:
+        raise ArgumentError("layers", layers, "(start, stop) with 0 <= start < stop <= n_layers")
+    return layers[0], layers[1]
+
+
+__getattr__ = moved_names(__name__, {"_fmt_bytes": "tl_tensorlens.engine:format_bytes"})
+
+__all__ = ["COLLAPSE_KINDS", "CollapseKind", "HeadTensor", "RandomizedNorm", "TensorLens", "default_memory_budget"]

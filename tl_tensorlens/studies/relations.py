@@ -28,13 +28,12 @@ from typing import Any
 
 import torch
 
-from tl_tensorlens.relations import (
+from tl_tensorlens.evaluation.relations import (
     PromptTokenizer,
     Relation,
     RelationStudyConfig,
     WordTokenizer,
     load_relations,
-    plot_relation_results,
     relation_from_dict,
     results_table,
     run_relation_study,
@@ -77,7 +76,7 @@ def _load_model(
         from tl_tensorlens.subjects.loading import load_local
 
         return load_local(args.model, backend=args.backend, dtype=dtype), None, None
-    from tl_tensorlens._compat import has_hooked_transformer
+    from tl_tensorlens._backend import has_hooked_transformer
 
     if has_hooked_transformer() and args.backend != "bridge":
         from transformer_lens import HookedTransformer
@@ -140,7 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=20, help="keep test samples whose object is in the model's top-k")
     p.add_argument("--recall-k", type=int, default=5)
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 2.25, 5.0])
-    p.add_argument("--lre-layers", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--lre-blocks",
+        "--lre-layers",
+        dest="lre_blocks",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="blocks whose hook_resid_pre holds the LRE subject state (0: embedding); --lre-layers is deprecated",
+    )
     p.add_argument("--ablation", action="store_true", help="also report the mean tensor without its bias")
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--template-index", type=int, default=0)
@@ -156,13 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, *, repo: Path | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Run the study; returns a process exit code.
 
     Args:
         argv: command-line arguments (default: ``sys.argv[1:]``).
-        repo: the source checkout when run as ``scripts/run_relations_study.py``; the command
-            written by ``--update-doc`` then names the script.
+        prog: the command to name in the table written by ``--update-doc`` (default
+            ``python -m tl_tensorlens.studies.relations``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -182,7 +189,7 @@ def main(argv: Sequence[str] | None = None, *, repo: Path | None = None) -> int:
         top_k_filter=args.top_k,
         recall_k=args.recall_k,
         betas=tuple(args.betas),
-        lre_layers=tuple(args.lre_layers),
+        lre_blocks=tuple(args.lre_blocks),
         mean_tensor_ablation=args.ablation,
         max_test=args.max_test,
         template_index=args.template_index,
@@ -195,7 +202,7 @@ def main(argv: Sequence[str] | None = None, *, repo: Path | None = None) -> int:
         config,
         tokenizer=tokenizer,
         model_name=args.model_name or args.model,
-        results_path=args.results,
+        out=args.results,
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
@@ -206,15 +213,14 @@ def main(argv: Sequence[str] | None = None, *, repo: Path | None = None) -> int:
         Path(args.table).write_text(table + "\n", encoding="utf-8")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        from tl_tensorlens.viz.plots import plot_relation_results
+
         fig = plot_relation_results(
             rows, metric=args.metric, methods=config.methods(), title=args.model_name or args.model
         )
         fig.savefig(args.plot, dpi=120)
     if args.update_doc:
-        prog = (
-            "python scripts/run_relations_study.py" if repo is not None else "python -m tl_tensorlens.studies.relations"
-        )
-        command = f"{prog} " + " ".join(shlex.quote(a) for a in argv)
+        command = f"{prog or 'python -m tl_tensorlens.studies.relations'} " + " ".join(shlex.quote(a) for a in argv)
         _update_doc(Path(args.update_doc), command, table)
     return 0
 

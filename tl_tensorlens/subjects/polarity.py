@@ -13,12 +13,11 @@ the [CLS] features are computed, and reaches the required >= 0.70 held-out accur
 ``docs/subjects.md`` for the measured value).
 
 Data: sentence polarity v1.0 (Pang and Lee 2005; ``rt-polarity.pos``/``.neg``, latin-1,
-5,331 + 5,331 sentences), read by path from ``$TL_TENSORLENS_DATA/text`` or
-``<repo>/../shared/data/text``; seeded 80/10/10 train/validation/test split.
+5,331 + 5,331 sentences), read by path from ``$TL_TENSORLENS_DATA/text``
+(or an explicit ``path``); seeded 80/10/10 train/validation/test split.
 """
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,33 +26,22 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_tensorlens._paths import data_dir as _data_dir
 from tl_tensorlens.errors import TensorLensError
 from tl_tensorlens.subjects._training import CHECKPOINT_DIR
 
-DATA_ENV = "TL_TENSORLENS_DATA"
 LABELS: tuple[str, ...] = ("negative", "positive")
 HEAD_FILE = CHECKPOINT_DIR / "polarity_head.safetensors"
 MAX_LEN = 64
 
 
 def data_dir() -> Path:
-    """The shared data folder: ``$TL_TENSORLENS_DATA`` if set, else ``<repo>/../shared/data``.
+    """The data folder ``$TL_TENSORLENS_DATA`` (see :func:`tl_tensorlens._paths.data_dir`).
 
     Raises:
-        TensorLensError: the folder does not exist (the message says how to point to it).
-
-    Example:
-        >>> (data_dir() / "text").is_dir()  # doctest: +SKIP
-        True
+        DataError: the variable is unset or names no folder (the message says what to do).
     """
-    env = os.environ.get(DATA_ENV)
-    path = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    if not path.is_dir():
-        raise TensorLensError(
-            f"data folder {path} not found; set {DATA_ENV} to the folder holding "
-            "text/rt-polarity.pos and text/rt-polarity.neg"
-        )
-    return path
+    return _data_dir()
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
+from tl_tensorlens._backend import BackendChoice
 from tl_tensorlens.errors import TensorLensError
 from tl_tensorlens.subjects._training import CHECKPOINT_DIR
-from tl_tensorlens.subjects.loading import Backend, load_local, minilm_path
+from tl_tensorlens.subjects.loading import load_local, load_minilm, minilm_path
 from tl_tensorlens.subjects.polarity import PolarityHead, load_polarity_head
 
 
@@ -141,7 +142,7 @@ def load_relation_specs(path: str | Path | None = None) -> list[dict[str, Any]]:
 def load_subject(
     name: str,
     *,
-    backend: Backend = "auto",
+    backend: BackendChoice = "auto",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     build: bool = False,
@@ -181,7 +182,10 @@ def load_subject(
         from tl_tensorlens.subjects.wikitext import build_wikitext_subject
 
         build_wikitext_subject(path)
-    model = load_local(path, backend=backend, dtype=dtype, device=device)
+    if name in ("minilm", "polarity"):
+        model = load_minilm(backend=backend, dtype=dtype, device=device)
+    else:
+        model = load_local(path, backend=backend, dtype=dtype, device=device)
     if name == "polarity":
         head = load_polarity_head()
         return Subject(name, model, path, dict(head.metrics), head=head)

@@ -13,7 +13,6 @@ rebuilt by ``scripts/train_wikitext.py`` (or :func:`build_wikitext_subject`) int
 ``$TL_TENSORLENS_CACHE/subjects/wikitext`` (default ``~/.cache/tl_tensorlens``), in minutes.
 """
 
-import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_tensorlens._paths import cache_dir, data_dir
 from tl_tensorlens.errors import TensorLensError
 from tl_tensorlens.subjects._training import (
     SPECIAL_TOKENS,
@@ -36,9 +36,7 @@ from tl_tensorlens.subjects._training import (
     training_section,
     word_tokenizer,
 )
-from tl_tensorlens.subjects.polarity import data_dir
 
-CACHE_ENV = "TL_TENSORLENS_CACHE"
 WIKITEXT_FILE = Path("text") / "wikitext-2-raw-test.txt"
 BOS_ID = SPECIAL_TOKENS.index("<bos>")
 UNK_ID = SPECIAL_TOKENS.index("<unk>")
@@ -262,11 +260,9 @@ Config: `{asdict(c)}`
 
 
 def wikitext_cache_dir() -> Path:
-    """Where the WikiText subject is built: ``$TL_TENSORLENS_CACHE/subjects/wikitext``, default
-    ``~/.cache/tl_tensorlens/subjects/wikitext``."""
-    root = os.environ.get(CACHE_ENV)
-    base = Path(root) if root else Path.home() / ".cache" / "tl_tensorlens"
-    return base / "subjects" / "wikitext"
+    """Where the WikiText subject is built: ``<cache>/subjects/wikitext`` (see
+    :func:`tl_tensorlens._paths.cache_dir`: ``$TL_TENSORLENS_CACHE``, default ``~/.cache/tl_tensorlens``)."""
+    return cache_dir() / "subjects" / "wikitext"
 
 
 def build_wikitext_subject(

@@ -33,8 +33,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_tensorlens.errors import TensorLensError
-from tl_tensorlens.replay import OutputPoint
+from tl_tensorlens._backend import OutputPoint
+from tl_tensorlens.engine import Pullback
+from tl_tensorlens.errors import ArgumentError, TensorLensError
+from tl_tensorlens.replay import record
 
 __all__ = [
     "LinearRelationEmbedding",
@@ -44,10 +46,6 @@ __all__ = [
     "read_model",
     "unembed",
 ]
-
-
-class _StopForward(Exception):
-    """Raised inside a hook once everything needed is recorded, to skip the rest of the forward."""
 
 
 def _unembed_module(model: Any) -> torch.nn.Module:
@@ -94,26 +92,12 @@ class ModelReadout:
 
 
 def _last_unembed_input(model: Any, tokens: Tensor, fwd_hooks: list[tuple[str, Any]]) -> Tensor:
-    """Run ``model`` and return the unembedding input at the last position, skipping the unembedding."""
-    store: dict[str, Tensor] = {}
-
-    def grab(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        store["u"] = args[0][:, -1]
-        raise _StopForward
-
-    # A plain module pre-hook: TL has no hook point on the unembedding input in HookedTransformer,
-    # and stopping here avoids computing [batch, pos, d_vocab] logits we would discard.
-    handle = _unembed_module(model).register_forward_pre_hook(grab)
-    try:
-        with model.hooks(fwd_hooks=fwd_hooks):
-            model(tokens)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "u" not in store:
-        raise TensorLensError("the model's forward never reached `unembed`; cannot read the ln_final output")
-    return store["u"]
+    """Run ``model`` and return the unembedding input at the last position (differentiable), skipping
+    the unembedding (stopping there avoids computing ``[batch, pos, d_vocab]`` logits)."""
+    _, acts = record(
+        model, tokens, ["unembed.hook_in"], fwd_hooks=fwd_hooks, stop_after="unembed.hook_in", detach=False
+    )
+    return acts["unembed.hook_in"][:, -1]
 
 
 @torch.no_grad()
@@ -136,20 +120,11 @@ def read_model(
     """
     device = next(model.parameters()).device
     x0s, finals, subjects = [], [], {layer: [] for layer in layers}
+    names = ["blocks.0.hook_resid_pre", *[f"blocks.{layer}.hook_resid_pre" for layer in layers], "unembed.hook_in"]
     for start in range(0, tokens.shape[0], batch_size):
         chunk = tokens[start : start + batch_size].to(device)
-        rec: dict[str, Tensor] = {}
-
-        def keeper(name: str) -> Any:
-            # Record under the name asked for: on a TransformerBridge `hook.name` is the canonical
-            # name (e.g. `blocks.0.hook_in`), not the `hook_resid_pre` alias we registered.
-            def keep(act: Tensor, hook: Any) -> None:
-                rec[name] = act.detach()
-
-            return keep
-
-        names = {"blocks.0.hook_resid_pre"} | {f"blocks.{layer}.hook_resid_pre" for layer in layers}
-        finals.append(_last_unembed_input(model, chunk, [(n, keeper(n)) for n in sorted(names)]).detach())
+        _, rec = record(model, chunk, list(dict.fromkeys(names)), stop_after="unembed.hook_in")
+        finals.append(rec["unembed.hook_in"][:, -1])
         x0s.append(rec["blocks.0.hook_resid_pre"])
         for layer in layers:
             subjects[layer].append(rec[f"blocks.{layer}.hook_resid_pre"][:, subject_pos])
@@ -215,10 +190,10 @@ class MeanTensor:
         Raises:
             TensorLensError: No prompt given.
         """
-        from tl_tensorlens.tensors import TensorLens  # the core imports nothing from here
+        from tl_tensorlens.tensors import TensorLens
 
         if tokens.ndim != 2 or tokens.shape[0] == 0:
-            raise TensorLensError(f"MeanTensor.fit needs tokens [n >= 1, pos], got shape {tuple(tokens.shape)}")
+            raise ArgumentError("tokens", tuple(tokens.shape), "aligned prompts [n >= 1, pos]")
         rows = range(tokens.shape[0])
         if progress:
             from tqdm.auto import tqdm
@@ -266,21 +241,6 @@ class MeanTensor:
         )
 
 
-def _jacobian_rows(y: Tensor, h: Tensor, chunk: int) -> Tensor:
-    """``∂y/∂h`` as [len(y), len(h)], in chunks of vector-Jacobian products."""
-    eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
-    rows = []
-    for start in range(0, y.shape[0], chunk):
-        basis = eye[start : start + chunk]
-        try:
-            (grad,) = torch.autograd.grad(y, h, grad_outputs=basis, retain_graph=True, is_grads_batched=True)
-        except RuntimeError:
-            # Some ops lack vmap batching rules for a batched backward; a loop is always correct.
-            grad = torch.stack([torch.autograd.grad(y, h, grad_outputs=g, retain_graph=True)[0] for g in basis])
-        rows.append(grad)
-    return torch.cat(rows)
-
-
 def lre_example(
     model: Any, tokens: Int[Tensor, "1 pos"], subject_pos: int, *, layer: int = 0, chunk: int = 256
 ) -> tuple[Float[Tensor, "d_out d_model"], Float[Tensor, " d_out"], Float[Tensor, " d_model"]]:
@@ -293,18 +253,23 @@ def lre_example(
     """
     hook_name = f"blocks.{layer}.hook_resid_pre"
     s0 = read_model(model, tokens, subject_pos, layers=(layer,)).subject[layer][0]
-    s = s0.clone().requires_grad_(True)
 
-    def feed(act: Tensor, hook: Any) -> Tensor:
-        act = act.clone()
-        act[:, subject_pos] = s
-        return act
+    def forward(s: Tensor) -> Tensor:
+        """``s [1, d_model]`` at the subject position -> the last position's unembedding input."""
 
-    with torch.enable_grad():
-        y = _last_unembed_input(model, tokens.to(s.device), [(hook_name, feed)])[0]
-        weight = _jacobian_rows(y, s, chunk)
-    weight = weight.detach()
-    return weight, (y.detach() - weight @ s0), s0
+        def put(act: Tensor, hook: Any) -> Tensor:
+            act = act.clone()
+            act[:, subject_pos] = s[0]
+            return act
+
+        return _last_unembed_input(model, tokens.to(s.device), [(hook_name, put)])
+
+    # The real (unfrozen) model: its graph at s0 gives the LRE Jacobian by vector-Jacobian products.
+    pull = Pullback(forward, s0)
+    y = pull.y[0].detach()
+    eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
+    weight = torch.cat([pull(eye[i : i + chunk]) for i in range(0, y.shape[0], chunk)]).detach()
+    return weight, (y - weight @ s0), s0
 
 
 @dataclass(frozen=True)
@@ -354,10 +319,10 @@ class LinearRelationEmbedding:
         """
         n = tokens.shape[0]
         if n == 0:
-            raise TensorLensError("LinearRelationEmbedding.fit needs at least one prompt")
+            raise ArgumentError("tokens", tuple(tokens.shape), "at least one prompt [n >= 1, pos]")
         positions = [subject_pos] * n if isinstance(subject_pos, int) else list(subject_pos)
         if len(positions) != n:
-            raise TensorLensError(f"{len(positions)} subject positions for {n} prompts")
+            raise ArgumentError("subject_pos", positions, f"one position, or {n} positions (one per prompt)")
         rows = range(n)
         if progress:
             from tqdm.auto import tqdm

@@ -92,9 +92,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_tensorlens._backend import OUTPUT_POINTS, OutputPoint
 from tl_tensorlens.capture import FrozenState, capture
-from tl_tensorlens.errors import ReplayError, UnsupportedModelError
-from tl_tensorlens.replay import OUTPUT_POINTS, OutputPoint, live
+from tl_tensorlens.errors import ArgumentError, UnsupportedModelError
+from tl_tensorlens.replay import live
 from tl_tensorlens.tensors import TensorLens
 
 #: ``sup_x |act'(x)|`` for each activation, measured on a 2.4M-point float64 grid over [-30, 30]
@@ -560,7 +561,7 @@ def approximation_error(
     Raises:
         UnsupportedModelError: the model is outside what the bound covers (see
             :func:`check_bound_supported`).
-        ReplayError: ``eps`` has the wrong shape, or ``output`` is unknown.
+        ArgumentError: ``eps`` has the wrong shape, or ``output`` is unknown.
 
     Example:
         >>> import torch
@@ -575,12 +576,14 @@ def approximation_error(
     """
     check_bound_supported(model)
     if output not in OUTPUT_POINTS:
-        raise ReplayError(f"output={output!r}; choose one of {OUTPUT_POINTS}")
+        raise ArgumentError("output", output, f"one of {OUTPUT_POINTS}")
     state = tokens_or_state if isinstance(tokens_or_state, FrozenState) else capture(model, tokens_or_state)
     x0 = state.x0.detach()
     if eps is None:
         if n_random < 1 or not scales:
-            raise ReplayError("approximation_error needs n_random >= 1 and at least one scale when eps is None")
+            raise ArgumentError(
+                "n_random/scales", (n_random, tuple(scales)), "n_random >= 1 and at least one scale when eps is None"
+            )
         gen = torch.Generator(device="cpu").manual_seed(seed)
         z = torch.randn((n_random, *x0.shape), generator=gen, dtype=torch.float64)
         z = z / z.flatten(1).norm(dim=-1)[:, None, None]
@@ -591,8 +594,8 @@ def approximation_error(
         if eps_t.ndim == 2:
             eps_t = eps_t[None]
         if eps_t.ndim != 3 or eps_t.shape[1:] != x0.shape:
-            raise ReplayError(
-                f"eps must be [pos={x0.shape[0]}, d_model={x0.shape[1]}] or [n_eps, pos, d_model], got {tuple(eps_t.shape)}"
+            raise ArgumentError(
+                "eps", tuple(eps_t.shape), f"[pos={x0.shape[0]}, d_model={x0.shape[1]}] or [n_eps, pos, d_model]"
             )
     lens = TensorLens.from_state(model, state, output=output)
     with torch.no_grad():

@@ -26,16 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tl_tensorlens.capture import FrozenState, capture
-from tl_tensorlens.errors import TensorLensError
+from tl_tensorlens._backend import default_output, has_unembedding
+from tl_tensorlens._deprecation import warn_deprecated
+from tl_tensorlens.capture import capture
+from tl_tensorlens.errors import ArgumentError, MissingDependencyError, TensorLensError
+from tl_tensorlens.replay import verify_replay
 from tl_tensorlens.tensors import TensorLens
 
-#: Tensor collapses :func:`explain` computes itself (rows for every position).
-TENSOR_MAPS: tuple[str, ...] = ("tensor_norm", "tensor_in_out", "tensor_logit")
+#: The tensor collapses of the registry (``tensor_in_class`` explains the model's own prediction).
+TENSOR_MAPS: tuple[str, ...] = ("tensor_norm", "tensor_in_out", "tensor_in_class")
 DEFAULT_METHODS: tuple[str, ...] = (
     "tensor_norm",
     "tensor_in_out",
-    "tensor_logit",
+    "tensor_in_class",
     "attn_rollout",
     "globenc_rollout",
     "alti_rollout",
@@ -66,13 +69,26 @@ class ExplainReport:
 
 
 def available_methods() -> list[str]:
-    """Methods :func:`explain` accepts: the tensor maps and every registered relevance method."""
-    names = list(TENSOR_MAPS)
-    try:
-        from tl_tensorlens.baselines import list_methods
-    except ImportError:  # the baselines subpackage is optional for a report
-        return names
-    return names + [m for m in list_methods() if m not in names and not m.startswith("tensor_")]
+    """Methods :func:`explain` accepts: every registered relevance method, tensor collapses first."""
+    from tl_tensorlens.methods import list_methods
+
+    return list(TENSOR_MAPS) + [m for m in list_methods() if m not in TENSOR_MAPS]
+
+
+def resolve_methods(methods: Sequence[str]) -> list[str]:
+    out = []
+    for m in methods:
+        if m == "tensor_logit":
+            warn_deprecated("method name 'tensor_logit'", "'tensor_in_class'", stacklevel=4)
+            m = "tensor_in_class"
+        out.append(m)
+    known = available_methods()
+    unknown = [m for m in out if m not in known]
+    if unknown:
+        raise ArgumentError("methods", unknown, f"registered methods: {', '.join(known)}")
+    if not out:
+        raise ArgumentError("methods", [], "at least one method")
+    return out
 
 
 def _vocab_label(model: Any, token_id: int) -> str:
@@ -80,24 +96,6 @@ def _vocab_label(model: Any, token_id: int) -> str:
     if tok is None:
         return f"#{token_id}"
     return tok.decode([token_id]).strip() or repr(tok.decode([token_id]))
-
-
-def _tensor_maps(
-    model: Any, state: FrozenState, methods: Sequence[str], prediction: Tensor | None
-) -> dict[str, Tensor]:
-    decoder = state.backend != "encoder" and getattr(model, "unembed", None) is not None
-    lens = TensorLens.from_state(model, state, output="ln_final" if decoder else "resid_post")
-    maps: dict[str, Tensor] = {}
-    for name in methods:
-        if name == "tensor_norm":
-            maps[name] = lens.collapse("norm")
-        elif name == "tensor_in_out":
-            maps[name] = lens.collapse("in_out")
-        elif name == "tensor_logit":
-            if not decoder:
-                raise TensorLensError("method 'tensor_logit' needs a decoder with an unembedding")
-            maps[name] = lens.collapse("logit", token=prediction)
-    return maps
 
 
 def _png_b64(path: Path) -> str:
@@ -120,6 +118,7 @@ def explain(
     per_head: bool = True,
     logit_lens: bool = True,
     interactive: bool | None = None,
+    verify: bool = True,
 ) -> ExplainReport:
     """Explain one prompt: every map, pictures, an HTML page and JSON, written under ``out``.
 
@@ -135,19 +134,27 @@ def explain(
         per_head: also write each head's factored Norm collapse.
         logit_lens: also write the tensor logit lens (decoders only).
         interactive: write ``interactive.html`` with circuitsvis (None: when installed).
+        verify: check first that the frozen replay reproduces the model and is affine on this prompt
+            (the tensor maps would be wrong otherwise): a failure raises
+            :class:`~tl_tensorlens.errors.VerificationError` and nothing is written. The numbers go into
+            the report. ``verify=False`` skips the check and says so in the report.
 
     Returns:
         An :class:`ExplainReport`.
 
     Raises:
-        TensorLensError: unknown method, position out of range, or the plot extra missing.
+        ArgumentError: unknown method, position out of range.
+        VerificationError: the replay does not reproduce the model on this prompt (or is not finite).
+        MissingDependencyError: matplotlib (the ``plot`` extra) is missing.
 
     Example:
         >>> import tempfile, torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
-        ...     d_vocab=11, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
-        >>> rep = explain(HookedTransformer(cfg), torch.tensor([1, 2, 3]), tempfile.mkdtemp(),
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
+        ...     d_vocab=11, n_ctx=8, act_fn="gelu_new", seed=0)
+        >>> model = TransformerBridge.boot_native(cfg, dtype=torch.float64).eval()
+        >>> rep = explain(model, torch.tensor([1, 2, 3]), tempfile.mkdtemp(),
         ...               methods=["tensor_norm"], interactive=False)
         >>> "index.html" in rep.files and "maps.json" in rep.files
         True
@@ -155,40 +162,48 @@ def explain(
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
-        raise TensorLensError("explain needs matplotlib: pip install 'tl-tensorlens[plot]'") from e
-    from tl_tensorlens import plotting
+        raise MissingDependencyError("explain needs matplotlib: pip install 'tl-tensorlens[plot]'") from e
+    from tl_tensorlens.methods import get_method, method_info
+    from tl_tensorlens.viz import plots as plotting
 
-    known = available_methods()
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        raise TensorLensError(f"unknown method(s) {unknown}; choose from {known}")
-    if not methods:
-        raise TensorLensError("explain needs at least one method")
+    methods = resolve_methods(methods)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = capture(model, prompt)
     n = state.n_pos
-    p = position + n if position < 0 else position
-    if not 0 <= p < n:
-        raise TensorLensError(f"position {position} out of range for a prompt of {n} tokens")
-    tokens = plotting.token_labels(model, state.tokens[0])
-    decoder = state.backend != "encoder" and getattr(model, "unembed", None) is not None
-    prediction = state.logits[0].argmax(-1) if (decoder and state.logits is not None) else None
-    if prediction is None and "tensor_logit" in methods:
-        raise TensorLensError("method 'tensor_logit' needs a decoder with an unembedding")
+    from tl_tensorlens._checks import as_position
 
+    p = as_position("position", position, n)
+    decoder = has_unembedding(model)
     notes: list[str] = []
-    maps = _tensor_maps(model, state, [m for m in methods if m in TENSOR_MAPS], prediction)
-    others = [m for m in methods if m not in TENSOR_MAPS]
-    if others:
-        from tl_tensorlens.baselines import get_method
+    check_json: dict[str, Any] | None = None
+    if verify:
+        (check,) = verify_replay(model, state, outputs=(default_output(model),))
+        check_json = {
+            "output": check.output,
+            "reproduction_error": check.reproduction_error,
+            "affine_error": check.affine_error,
+            "tolerance": check.tolerance,
+            "reproduction_tolerance": check.reproduction_tolerance,
+        }
+    else:
+        notes.append("the frozen replay was not verified on this prompt (verify=False): maps may not be exact")
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = plotting.token_labels(model, state.tokens[0])
+    prediction = state.logits[0].argmax(-1) if (decoder and state.logits is not None) else None
 
-        for name in others:
-            try:
-                maps[name] = get_method(name)(model, state).detach()
-            except TensorLensError as e:
-                notes.append(f"{name}: skipped ({e})")
-    maps = {k: maps[k] for k in methods if k in maps}
+    maps: dict[str, Tensor] = {}
+    for name in methods:
+        info = method_info(name)
+        if info.class_specific and prediction is None:
+            notes.append(f"{name}: skipped (class-specific: needs a decoder's prediction to explain)")
+            continue
+        try:
+            target = prediction if info.class_specific else None
+            maps[name] = get_method(name)(model, state, target=target).detach()
+        except TensorLensError as e:
+            if info.family == "tensor":
+                raise
+            notes.append(f"{name}: skipped ({e})")
 
     files: list[str] = []
 
@@ -247,7 +262,7 @@ def explain(
         )
     ll_json: dict[str, Any] | None = None
     if logit_lens and decoder:
-        from tl_tensorlens.workflows import tensor_logit_lens
+        from tl_tensorlens.methods.logit_lens import tensor_logit_lens
 
         ll = tensor_logit_lens(model, state, positions=[p])
         vocab = {int(t): _vocab_label(model, int(t)) for t in torch.cat([ll.target.reshape(-1), ll.tl_top.reshape(-1)])}
@@ -255,7 +270,7 @@ def explain(
         save(plotting.plot_logit_lens(ll, tokens, position=p, vocab=vlist), "logit_lens.png")
         ll_json = {
             "position": p,
-            "layers": list(ll.layers),
+            "layers": list(ll.depths),
             "target": [vocab[int(t)] for t in ll.target[:, 0]],
             "tl_top": [vocab[int(t)] for t in ll.tl_top[:, 0]],
             "maps": _finite(ll.maps[:, 0]),
@@ -274,6 +289,7 @@ def explain(
         "layers": [_finite(m) for m in layer_maps],
         "heads": {t: _finite(m) for t, m in zip(head_titles, head_maps, strict=True)},
         "logit_lens": ll_json,
+        "replay_check": check_json,
         "notes": notes,
     }
     (out / "maps.json").write_text(json.dumps(payload))
@@ -374,4 +390,4 @@ def _index_html(out: Path, payload: dict[str, Any], pngs: Sequence[str], interac
     return _page(f"TensorLens report: {payload['model']}", body, script=_JS)
 
 
-__all__ = ["DEFAULT_METHODS", "ExplainReport", "TENSOR_MAPS", "available_methods", "explain"]
+__all__ = ["DEFAULT_METHODS", "ExplainReport", "TENSOR_MAPS", "available_methods", "explain", "resolve_methods"]

@@ -13,8 +13,10 @@ input and decodes it through the unembedding:
 * ``random``: 1 / (number of distinct object first tokens of the relation), the chance level of
   guessing among the relation's objects.
 
-Rows are appended to a JSONL file as each split finishes; a rerun skips every (model, relation,
-split, method, config) already there, so an interrupted study resumes.
+Rows go to a :class:`~tl_tensorlens.evaluation.store.ResultStore` (JSONL, ``fsync``'d as each split
+finishes, torn tails cut, corrupt lines reported and moved aside), keyed by (model name, model
+fingerprint, relation, relation-data hash, split, method, settings); a rerun skips every row already
+there, so an interrupted study resumes, and a changed model or relation file is recomputed.
 """
 
 import hashlib
@@ -24,17 +26,18 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import InitVar, asdict, dataclass, field
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_tensorlens.relations._data import Relation
-from tl_tensorlens.relations._operators import LinearRelationEmbedding, MeanTensor, read_model, unembed
-from tl_tensorlens.relations._prompts import (
+from tl_tensorlens._checks import as_int
+from tl_tensorlens._deprecation import renamed_kwargs, warn_deprecated
+from tl_tensorlens.capture import model_fingerprint
+from tl_tensorlens.evaluation.relations.data import Relation
+from tl_tensorlens.evaluation.relations.prompts import (
     AlignedSample,
     FewShot,
     PromptFormat,
@@ -45,14 +48,20 @@ from tl_tensorlens.relations._prompts import (
     build_prompt,
     stack_tokens,
 )
+from tl_tensorlens.evaluation.store import ResultStore
+from tl_tensorlens.methods.relations import LinearRelationEmbedding, MeanTensor, read_model, unembed
 
 __all__ = [
+    "KEY_FIELDS",
     "RelationSplit",
     "RelationStudyConfig",
     "decoding_metrics",
     "load_results",
     "lre_method_name",
     "make_split",
+    "ok_methods",
+    "open_store",
+    "relation_digest",
     "results_table",
     "run_relation_study",
     "summarize_results",
@@ -72,7 +81,8 @@ class RelationStudyConfig:
         top_k_filter: Keep test samples whose object is in the model's top-k (paper: 20).
         recall_k: ``k`` of the recall@k metric.
         betas: LRE β grid (LRE's GPT-J / GPT-2-XL value is 2.25).
-        lre_layers: Layers whose ``hook_resid_pre`` holds the LRE's subject state (0: embedding).
+        lre_blocks: Blocks whose ``hook_resid_pre`` holds the LRE's subject state (0: embedding);
+            ``lre_layers=`` is its deprecated name.
         mean_tensor_ablation: Also report the mean tensor without its bias ``c̄``.
         max_test: Cap on test prompts per split (``None``: all).
         template_index: Which prompt template of each relation to use.
@@ -87,11 +97,21 @@ class RelationStudyConfig:
     top_k_filter: int = 20
     recall_k: int = 5
     betas: tuple[float, ...] = (1.0, 2.25, 5.0)
-    lre_layers: tuple[int, ...] = (0,)
+    lre_blocks: tuple[int, ...] = (0,)
     mean_tensor_ablation: bool = False
     max_test: int | None = None
     template_index: int = 0
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
+    lre_layers: InitVar[tuple[int, ...] | None] = None
+
+    def __post_init__(self, lre_layers: tuple[int, ...] | None) -> None:
+        if lre_layers is not None:
+            warn_deprecated("RelationStudyConfig(lre_layers=...)", "lre_blocks=...", stacklevel=4)
+            object.__setattr__(self, "lre_blocks", tuple(lre_layers))
+        for name in ("n_train", "n_splits", "top_k_filter", "recall_k"):
+            as_int(name, getattr(self, name), lo=1)
+        for b in self.lre_blocks:
+            as_int("lre_blocks", b, lo=0)
 
     @property
     def shots(self) -> int:
@@ -103,13 +123,16 @@ class RelationStudyConfig:
     def methods(self) -> list[str]:
         """Method names, in table order."""
         names = ["mean_tensor"] + (["mean_tensor_nobias"] if self.mean_tensor_ablation else [])
-        for layer in self.lre_layers:
+        for layer in self.lre_blocks:
             names += [lre_method_name(layer, beta) for beta in self.betas]
         return names
 
     def fingerprint(self) -> str:
         """Short hash of the settings, stored in every result row."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        d = asdict(self)
+        # Keys written before the rename stay valid: the field was called "lre_layers".
+        d["lre_layers"] = d.pop("lre_blocks")
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -146,7 +169,7 @@ def make_split(
     Returns ``None`` when there are too few samples for ``n_train`` (+ context) and one test prompt.
 
     Example:
-        >>> from tl_tensorlens.relations import Relation, RelationSample, WordTokenizer, align_samples
+        >>> from tl_tensorlens.evaluation.relations import Relation, RelationSample, WordTokenizer, align_samples
         >>> r = Relation("r", ("{} is in",), (), tuple(RelationSample(f"s{i}", f"o{i}") for i in range(6)))
         >>> tok = WordTokenizer.from_relations([r], d_vocab=50)
         >>> split = make_split(align_samples(r, tok), tok, RelationStudyConfig(n_train=3), 0)
@@ -195,31 +218,32 @@ def decoding_metrics(
     }
 
 
+#: The fields that identify a row of a relation-study results file.
+KEY_FIELDS: tuple[str, ...] = ("model", "model_fingerprint", "relation", "relation_data", "split", "method", "config")
+
+
+def _upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Rows written by 0.1 carried neither the model's fingerprint nor the relation data's hash."""
+    row.setdefault("model_fingerprint", "unknown")
+    row.setdefault("relation_data", "unknown")
+    return row
+
+
+def open_store(path: str | os.PathLike[str]) -> ResultStore:
+    """The results store of a relation study (see the module docstring)."""
+    return ResultStore(path, KEY_FIELDS, upgrade=_upgrade_row)
+
+
 def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSONL results file (missing file: no rows; a torn last line is ignored)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # an interrupted write; the split is recomputed
-    return rows
+    """Every row of a results file (missing file: no rows; a torn last line is cut, corrupt lines
+    are reported and moved aside, conflicting rows are an error)."""
+    return open_store(path).rows
 
 
-def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["model"], row["relation"], row["split"], row["method"], row["config"])
-
-
-def _append(path: Path | None, rows: Iterable[dict[str, Any]]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+def relation_digest(relation: Relation) -> str:
+    """A hash of a relation's templates and samples (part of the resume key)."""
+    blob = json.dumps([relation.prompt_templates, [(s.subject, s.object) for s in relation.samples]]).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
 
 
 def _evaluate_split(
@@ -232,7 +256,7 @@ def _evaluate_split(
 ) -> list[dict[str, Any]]:
     test_tokens = stack_tokens(split.test)
     subject_pos = split.test[0].subject_pos
-    test_read = read_model(model, test_tokens, subject_pos, layers=config.lre_layers, batch_size=batch_size)
+    test_read = read_model(model, test_tokens, subject_pos, layers=config.lre_blocks, batch_size=batch_size)
     objects = torch.tensor([p.object_token for p in split.test], device=test_read.logits.device)
     k = min(config.top_k_filter, test_read.logits.shape[-1])
     known = (test_read.logits.topk(k, dim=-1).indices == objects[:, None]).any(-1)
@@ -263,7 +287,7 @@ def _evaluate_split(
             predictions["mean_tensor"] = unembed(model, mean.apply(x).to(model_logits.dtype))
         if "mean_tensor_nobias" in methods:
             predictions["mean_tensor_nobias"] = unembed(model, mean.apply(x, bias=False).to(model_logits.dtype))
-    for layer in config.lre_layers:
+    for layer in config.lre_blocks:
         wanted = [b for b in config.betas if lre_method_name(layer, b) in methods]
         if not wanted:
             continue
@@ -280,6 +304,7 @@ def _evaluate_split(
     return rows
 
 
+@renamed_kwargs(results_path="out")
 @torch.no_grad()
 def run_relation_study(
     model: Any,
@@ -288,7 +313,7 @@ def run_relation_study(
     *,
     tokenizer: PromptTokenizer | WordTokenizer | None = None,
     model_name: str = "model",
-    results_path: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -300,8 +325,9 @@ def run_relation_study(
         config: Study settings.
         tokenizer: Tokenizer adapter; default ``PromptTokenizer.from_model(model)``.
         model_name: Stored in every row (one results file can hold several models).
-        results_path: JSONL file; existing rows with the same (model, relation, split, method,
-            config) are reused and not recomputed.
+        out: JSONL results file (``results_path=`` is its deprecated name); existing rows with the
+            same key (:data:`KEY_FIELDS`: model name and fingerprint, relation and its data hash,
+            split, method, settings) are reused and not recomputed.
         batch_size: Prompts per batched forward.
         progress: Show tqdm bars.
 
@@ -311,25 +337,25 @@ def run_relation_study(
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> from tl_tensorlens.relations import Relation, RelationSample, WordTokenizer
-        >>> torch.manual_seed(0) and None
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=40, n_ctx=32,
-        ...                               act_fn="gelu_new", normalization_type="LN", dtype=torch.float64)
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> from tl_tensorlens.evaluation.relations import Relation, RelationSample, WordTokenizer
+        >>> cfg = TransformerBridgeConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=40, n_ctx=32,
+        ...                               d_mlp=64, act_fn="gelu_new", seed=0)
+        >>> model = TransformerBridge.boot_native(cfg, dtype=torch.float64).eval()
         >>> r = Relation("r", ("{} is in",), (), tuple(RelationSample(f"s{i}", f"o{i % 3}") for i in range(8)))
         >>> tok = WordTokenizer.from_relations([r], d_vocab=40)
-        >>> rows = run_relation_study(HookedTransformer(cfg), [r], RelationStudyConfig(n_train=3, n_splits=2, top_k_filter=40,
+        >>> rows = run_relation_study(model, [r], RelationStudyConfig(n_train=3, n_splits=2, top_k_filter=40,
         ...                           betas=(1.0,)), tokenizer=tok, progress=False)
         >>> sorted({row["method"] for row in rows}), len(rows)
         (['lre_b1', 'mean_tensor'], 4)
     """
     tok = PromptTokenizer.from_model(model) if tokenizer is None else tokenizer
-    path = None if results_path is None else Path(results_path)
-    existing = load_results(path) if path is not None else []
+    store = open_store(out) if out is not None else None
     fingerprint = config.fingerprint()
-    done = {_row_key(r): r for r in existing}
+    model_fp = model_fingerprint(model)
     methods = config.methods()
-    out: list[dict[str, Any]] = []
+    result: list[dict[str, Any]] = []
     todo = [(r, i) for r in relations for i in range(config.n_splits)]
     bar: Any = None
     if progress:
@@ -337,10 +363,13 @@ def run_relation_study(
 
         bar = tqdm(total=len(todo), desc="relation splits")
     aligned_cache: dict[str, tuple[AlignedSample, ...]] = {}
+    digests: dict[str, str] = {}
     for relation, index in todo:
-        keys = {m: (model_name, relation.key, index, m, fingerprint) for m in methods}
-        have = [done[k] for k in keys.values() if k in done]
-        missing = [m for m, k in keys.items() if k not in done]
+        rel_fp = digests.setdefault(relation.key, relation_digest(relation))
+        keys = {m: (model_name, model_fp, relation.key, rel_fp, index, m, fingerprint) for m in methods}
+        stored = {m: store.get(k) if store is not None else None for m, k in keys.items()}
+        have = [r for r in stored.values() if r is not None]
+        missing = [m for m, r in stored.items() if r is None]
         if bar is not None:
             bar.set_postfix_str(f"{relation.key} #{index}")
         if missing:
@@ -356,7 +385,9 @@ def run_relation_study(
             objects = {a.object_token for a in aligned}
             base = {
                 "model": model_name,
+                "model_fingerprint": model_fp,
                 "relation": relation.key,
+                "relation_data": rel_fp,
                 "relation_type": relation.relation_type,
                 "split": index,
                 "seed": config.seed * 1000 + index,
@@ -379,14 +410,15 @@ def run_relation_study(
                 ]
             else:
                 new = _evaluate_split(model, split, config, missing, base, batch_size)
-            _append(path, new)
+            if store is not None:
+                store.append(new)
             have += new
-        out += sorted(have, key=lambda r: methods.index(r["method"]))
+        result += sorted(have, key=lambda r: methods.index(r["method"]))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return out
+    return result
 
 
 def summarize_results(rows: Iterable[dict[str, Any]], metric: str = "faithfulness") -> dict[str, dict[str, Any]]:

@@ -1,4 +1,6 @@
-"""Intra-layer token-to-token maps: one N×N matrix per layer, rows = dest (pos_out), cols = src.
+"""Attention-aggregation baselines (paper Sec. 4.1): per-layer token maps and their cross-layer aggregation.
+
+**Intra-layer maps**: one N×N matrix per layer, rows = dest (pos_out), cols = src.
 
 Four aggregations of one attention layer, from the least to the most complete:
 
@@ -42,6 +44,10 @@ Adaptation to the families TransformerLens supports (the papers only treat BERT 
   their papers).
 * **GQA**: ``hook_v`` has ``n_key_value_heads`` heads; query head ``h`` uses kv group
   ``h // (n_heads // n_key_value_heads)`` (TL's ``repeat_interleave``).
+
+**Cross-layer aggregation**: attention rollout (Abnar & Zuidema 2020: the product of the
+row-normalized per-layer maps, with ``0.5·I`` for the residual where the map does not hold it) and
+the mean over layers of the row-normalized maps.
 """
 
 from collections.abc import Mapping
@@ -51,16 +57,110 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_tensorlens.baselines._common import (
-    activations_of,
-    is_post_ln,
-    n_layers_of,
-    norm_linear_part,
-    read,
-    submodule_or_none,
-)
+from tl_tensorlens._backend import is_bridge, is_post_ln
 from tl_tensorlens.errors import TensorLensError
 
+
+# --------------------------------------------------------------------------------------------- reading a capture
+def activations_of(state: Any) -> Mapping[str, Tensor]:
+    """The activation dict of a capture.
+
+    Accepts a ``FrozenState`` (reads ``state.activations``), a plain dict or a TransformerLens
+    ``ActivationCache`` of one forward with batch dimension 1.
+    """
+    acts = getattr(state, "activations", state)
+    if not hasattr(acts, "__getitem__") or not hasattr(acts, "keys"):
+        raise TensorLensError(f"expected a FrozenState or a dict of activations, got {type(state).__name__}")
+    return acts
+
+
+def read(acts: Mapping[str, Tensor], name: str) -> Tensor:
+    """``acts[name]`` without the batch dimension; a library error names a missing hook."""
+    try:
+        value = acts[name]
+    except KeyError:
+        raise TensorLensError(
+            f"the capture has no activation {name!r}; baselines need the full run_with_cache of one forward (batch 1)"
+        ) from None
+    if value.shape[0] != 1:
+        raise TensorLensError(f"{name} has batch size {value.shape[0]}; baselines need batch 1")
+    return value[0]
+
+
+def n_layers_of(model: Any) -> int:
+    return int(model.cfg.n_layers)
+
+
+def row_normalize(m: Float[Tensor, "... pos_out pos_in"]) -> Float[Tensor, "... pos_out pos_in"]:
+    """Divide each row by its sum; rows that sum to 0 stay 0 (never NaN)."""
+    total = m.sum(-1, keepdim=True)
+    # A zero row (e.g. a position no method gives any mass) must not become NaN and poison rollout.
+    return torch.where(total != 0, m / torch.where(total != 0, total, torch.ones_like(total)), m)
+
+
+def submodule_or_none(model: Any, name: str | None) -> Any:
+    """``model.get_submodule(name)``, or None where the model has no such module."""
+    if not name:
+        return None
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def norm_linear_part(
+    model: Any,
+    acts: Mapping[str, Tensor],
+    name: str,
+    pieces: Float[Tensor, "pos_out pos_in d_model"],
+) -> Float[Tensor, "pos_out pos_in d_model"]:
+    """Apply the frozen linear part of norm module ``name`` to each piece of a decomposed sum.
+
+    A norm reading a sum ``y_i = Σ_j p_ij`` is linear in each piece once its per-token scale is
+    frozen (Kobayashi et al. 2021, Eq. 7-8): ``LN(y_i) - β = Σ_j γ ⊙ (p_ij - mean(p_ij)) / s_i``
+    with ``s_i = sqrt(var(y_i) + eps)`` the scale of the real sum (TL's ``hook_scale``). RMS norms
+    skip the centering; ``*Pre`` norms have no gain; a missing norm (``normalization_type=None``)
+    is the identity. The bias β is left out, as in the authors' code.
+
+    Args:
+        model: the TransformerLens model (for the norm module and its gain ``w``).
+        acts: activations of one forward.
+        name: dotted module name, e.g. ``"blocks.0.ln2"`` or ``"ln_final"``.
+        pieces: ``p_ij`` indexed [pos_out(i), pos_in(j), d_model].
+    """
+    module = submodule_or_none(model, name)
+    if module is None:
+        return pieces
+    kind = type(module).__name__
+    if kind in ("Identity",):
+        return pieces
+    if is_bridge(model):
+        # Bridge norm modules are generic wrappers: the config says which norm it is.
+        kind = {"LN": "LayerNorm", "LNPre": "LayerNormPre", "RMS": "RMSNorm", "RMSPre": "RMSNormPre"}.get(
+            str(getattr(model.cfg, "normalization_type", "LN")), "LayerNorm"
+        )
+    scale_name = f"{name}.hook_scale"
+    if scale_name not in acts:
+        raise TensorLensError(f"norm {name!r} ({kind}) has no {scale_name!r} in the capture; cannot freeze its scale")
+    scale = read(acts, scale_name)
+    if scale.dim() == 3:
+        # use_split_qkv_input: ln1 fires per head with identical copies; keep one.
+        scale = scale[:, 0, :]
+    out = pieces
+    if "RMS" not in kind:
+        out = out - out.mean(-1, keepdim=True)
+    out = out / scale.to(out.dtype)[:, None, :]
+    w = getattr(module, "w", None)
+    if isinstance(w, Tensor) and kind not in ("LayerNormPre", "RMSNormPre"):
+        w = w.detach().to(out.dtype)
+        if is_bridge(model) and getattr(model.cfg, "rmsnorm_uses_offset", False):
+            # Gemma's HF RMSNorm multiplies by (1 + weight); HookedTransformer folds the 1 in.
+            w = 1 + w
+        out = out * w
+    return out
+
+
+# --------------------------------------------------------------------------------------------- intra-layer maps
 IntraLayer = Literal["attn", "w_attn", "w_attn_res_ln", "globenc", "alti"]
 INTRA_LAYER: tuple[str, ...] = ("attn", "w_attn", "w_attn_res_ln", "globenc", "alti")
 
@@ -238,3 +338,102 @@ def layer_maps(model: Any, state: Any, kind: IntraLayer) -> Float[Tensor, "layer
             pieces = norm_linear_part(model, acts, _block_output_norm(model, layer) or "", pieces)
         maps.append(pieces.norm(dim=-1))
     return torch.stack(maps)
+
+
+# --------------------------------------------------------------------------------------------- cross-layer aggregation
+def rollout(
+    maps: Float[Tensor, "layer pos_out pos_in"], *, add_identity: bool = True
+) -> Float[Tensor, "pos_out pos_in"]:
+    """Attention rollout (Abnar & Zuidema 2020, Eq. 1): ``R = Â_{L-1} ⋯ Â_1 Â_0``.
+
+    Each layer's map is row-normalized; with ``add_identity`` it becomes ``0.5·Â + 0.5·I`` (the
+    authors' way to account for the residual connection, rows still sum to 1). Maps that already
+    contain the residual (W-AttnResLN, GlbEnc, ALTI) are rolled out without the identity, as
+    Modarressi et al. 2022 and Ferrando et al. 2022 do: adding it again would count the residual
+    twice.
+
+    Example:
+        >>> a = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])
+        >>> rollout(a)
+        tensor([[1.0000, 0.0000],
+                [0.2500, 0.7500]])
+    """
+    if maps.dim() != 3 or maps.shape[-1] != maps.shape[-2]:
+        raise TensorLensError(f"rollout needs maps [layer, pos, pos], got {tuple(maps.shape)}")
+    eye = torch.eye(maps.shape[-1], dtype=maps.dtype, device=maps.device)
+    joint = eye
+    for layer_map in maps:
+        step = row_normalize(layer_map)
+        if add_identity:
+            step = 0.5 * step + 0.5 * eye
+        joint = step @ joint
+    return joint
+
+
+def layer_mean(maps: Float[Tensor, "layer pos_out pos_in"]) -> Float[Tensor, "pos_out pos_in"]:
+    """Mean over layers of the row-normalized maps (each layer weighs the same, whatever the
+    scale of its norms; for ``attn`` the rows already sum to 1).
+
+    Example:
+        >>> layer_mean(torch.tensor([[[2.0, 2.0]], [[0.0, 1.0]]]))
+        tensor([[0.2500, 0.7500]])
+    """
+    if maps.dim() != 3:
+        raise TensorLensError(f"layer_mean needs maps [layer, pos, pos], got {tuple(maps.shape)}")
+    return row_normalize(maps).mean(0)
+
+
+# ---------------------------------------------------------------------------------------------- the baselines
+#: The eight baselines of the paper (Sec. 4.1): intra-layer × cross-layer.
+BASELINES: tuple[str, ...] = (
+    "attn_rollout",
+    "w_attn_rollout",
+    "w_attn_res_ln_rollout",
+    "globenc_rollout",
+    "attn_mean",
+    "w_attn_mean",
+    "w_attn_res_ln_mean",
+    "globenc_mean",
+)
+#: ALTI (Ferrando et al. 2022): not among the paper's eight, registered beside them.
+ALTI = "alti_rollout"
+#: Every attention-aggregation baseline: the paper's eight, then ALTI.
+ALL_BASELINES: tuple[str, ...] = (*BASELINES, ALTI)
+_DESCRIPTIONS = {
+    "attn": "head-mean attention pattern",
+    "w_attn": "value-weighted norms (Kobayashi et al. 2020)",
+    "w_attn_res_ln": "+ residual and norm (Kobayashi et al. 2021)",
+    "globenc": "+ second norm (Modarressi et al. 2022, GlobEnc)",
+    "alti": "L1 contributions to the ResLN output (Ferrando et al. 2022, ALTI)",
+}
+
+
+def baseline_method(name: str) -> Any:
+    """The registry function of baseline ``name`` (``"<intra>_<cross>"``, e.g. ``"globenc_rollout"``).
+
+    The baselines are class-agnostic: ``position`` and ``target`` are ignored and every row is
+    computed (one pass over the captured activations, no backward).
+    """
+    intra, cross = name.rsplit("_", 1)
+    if intra not in INTRA_LAYER or cross not in ("rollout", "mean"):
+        raise TensorLensError(f"unknown baseline {name!r}; known: {ALL_BASELINES}")
+    # Maps that already hold the residual must not get Abnar's 0.5·I added on top.
+    has_residual = intra in ("w_attn_res_ln", "globenc", "alti")
+
+    def method(
+        model: Any, state: Any, *, position: int | None = None, target: Any = None
+    ) -> Float[Tensor, "pos_out pos_in"]:
+        maps = layer_maps(model, state, intra)  # type: ignore[arg-type]
+        if cross == "rollout":
+            return rollout(maps, add_identity=not has_residual)
+        return layer_mean(maps)
+
+    method.__name__ = name
+    method.__doc__ = f"Baseline {intra} × {cross}: {_DESCRIPTIONS[intra]} (see tl_tensorlens.methods.attention)."
+    return method
+
+
+def baseline_description(name: str) -> str:
+    """One line describing baseline ``name``."""
+    intra, cross = name.rsplit("_", 1)
+    return f"{_DESCRIPTIONS[intra]}, {cross}"

@@ -13,7 +13,7 @@ and drawn grey, so "zero" and "cannot attend" are not confused.
 
 import html
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -374,7 +374,7 @@ def plot_logit_lens(
             if int(result.tl_top[li, r]) == int(result.target[li, r])
             else f" (TL top-1 {name(int(result.tl_top[li, r]))})"
         )
-        for li, k in enumerate(result.layers)
+        for li, k in enumerate(result.depths)
     ]
     width = min(18.0, 4.5 + 0.5 * n)
     fig = Figure(figsize=(width, 1.4 + 0.42 * len(labels)), layout="constrained")
@@ -468,13 +468,11 @@ def plot_perturbation_curves(
 ) -> Any:
     """Perturbation curves: method -> values over the masked fractions.
 
-    Accepts the ``MethodSummary`` list of :mod:`tl_tensorlens.perturbation` (delegating to its
-    ``plot_curves``) or a mapping ``{method: [value per fraction]}`` with ``fractions``.
+    Accepts the ``MethodSummary`` list of :func:`tl_tensorlens.evaluation.perturbation.summarize` (one
+    panel per order, mean curves) or a mapping ``{method: [value per fraction]}`` with ``fractions``.
     """
     if not isinstance(curves, Mapping):
-        from tl_tensorlens.perturbation import plot_curves
-
-        fig = plot_curves(list(curves), metric=metric)  # type: ignore[arg-type]
+        fig = _plot_summaries(list(curves), metric=metric)
         if title:
             fig.suptitle(title, fontsize=10)
         return fig
@@ -495,6 +493,94 @@ def plot_perturbation_curves(
     ax.set_title(title or "perturbation curves", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return fig
+
+
+def _plot_summaries(summaries: Sequence[Any], *, metric: str = "accuracy") -> Any:
+    """Mean perturbation curves of :class:`~tl_tensorlens.evaluation.perturbation.MethodSummary` rows, one
+    panel per order; returns a matplotlib Figure (not shown)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    dirs = [d for d in ("positive", "negative") if any(s.order == d for s in summaries)]
+    fig = Figure(figsize=(5.5 * len(dirs) + 1.8, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(dirs), squeeze=False)[0]
+    # One fixed, distinct colour per method (the default 10-colour cycle repeats past 10 methods).
+    methods = list(dict.fromkeys(s.method for s in summaries))
+    palette = matplotlib.colormaps["tab20"]
+    colour = {m: palette(i % 20) for i, m in enumerate(methods)}
+    for ax, d in zip(axes, dirs, strict=True):
+        for s in summaries:
+            if s.order != d:
+                continue
+            y = s.accuracy_curve if metric == "accuracy" else s.prob_curve
+            style = "-" if s.method.startswith("tensor") else (":" if s.method == "random" else "--")
+            ax.plot([100 * f for f in s.fractions], y, style, color=colour[s.method], marker="o", ms=3, label=s.method)
+        ax.set_title(f"{d} perturbation")
+        ax.set_xlabel("% of tokens masked")
+        ax.set_ylabel("prediction unchanged" if metric == "accuracy" else "p(original prediction)")
+        ax.grid(alpha=0.3)
+    # Outside the panels: with a dozen methods a legend inside always hides some curve.
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return fig
+
+
+def plot_relation_results(
+    rows: Iterable[dict[str, Any]],
+    *,
+    metric: str = "faithfulness",
+    methods: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Any:
+    """Grouped bars per relation (mean over splits, error bar = std), with the random-guess level.
+
+    Args:
+        rows: Result rows of :func:`run_relation_study` (or :func:`load_results`).
+        metric: Row field to plot.
+        methods: Methods to show, in order (default: all, in first-seen order).
+        title: Figure title.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (never shown).
+
+    Example:
+        >>> rows = [{"relation": "r", "method": m, "status": "ok", "faithfulness": f, "random": 0.5,
+        ...          "n_test": 4, "split": 0} for m, f in [("mean_tensor", 1.0), ("lre_b1", 0.5)]]
+        >>> fig = plot_relation_results(rows)
+        >>> type(fig).__name__
+        'Figure'
+    """
+    from matplotlib.figure import Figure  # optional dependency, imported only here
+
+    from tl_tensorlens.evaluation.relations.decoding import ok_methods, summarize_results
+
+    rows = list(rows)
+    summary = summarize_results(rows, metric)
+    if methods is None:
+        methods = ok_methods(rows)
+    relations = sorted(summary)
+    width = 0.8 / max(len(methods), 1)
+    fig = Figure(figsize=(max(6.0, 0.9 * len(relations) * max(len(methods), 1) * 0.5 + 2), 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    for i, method in enumerate(methods):
+        xs, means, stds = [], [], []
+        for j, rel in enumerate(relations):
+            if method in summary[rel]["methods"]:
+                mean, std, _ = summary[rel]["methods"][method]
+                xs.append(j - 0.4 + width * (i + 0.5))
+                means.append(mean)
+                stds.append(std)
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=method)
+    for j, rel in enumerate(relations):
+        # "_nolegend_" keeps one legend entry for all relations' chance levels.
+        label = "random guess" if j == 0 else "_nolegend_"
+        ax.hlines(summary[rel]["random"], j - 0.45, j + 0.45, colors="black", linestyles="dashed", label=label)
+    ax.set_xticks(range(len(relations)), relations, rotation=45, ha="right")
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
     return fig
 
 
@@ -615,6 +701,7 @@ __all__ = [
     "plot_method_comparison",
     "plot_patching",
     "plot_perturbation_curves",
+    "plot_relation_results",
     "plot_relevance_strip",
     "relevance_html",
     "token_labels",

@@ -31,8 +31,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_tensorlens.errors import TensorLensError
-from tl_tensorlens.relations._data import Relation, RelationSample
+from tl_tensorlens.errors import PromptAlignmentError
+from tl_tensorlens.evaluation.relations.data import Relation, RelationSample
 
 __all__ = [
     "AlignedSample",
@@ -50,10 +50,6 @@ __all__ = [
 ]
 
 FewShot = Literal["leave_one_out", "shared"]
-
-
-class PromptAlignmentError(TensorLensError):
-    """Prompts cannot be aligned (different lengths or subject positions), or no sample is left."""
 
 
 @dataclass(frozen=True)
@@ -310,7 +306,7 @@ def align_samples(
         The aligned samples, in the relation's order (possibly empty).
 
     Example:
-        >>> from tl_tensorlens.relations import Relation, RelationSample, WordTokenizer
+        >>> from tl_tensorlens.evaluation.relations import Relation, RelationSample, WordTokenizer
         >>> r = Relation("r", ("{} is in",), (), (RelationSample("Paris", "France"),
         ...     RelationSample("New York", "USA"), RelationSample("Rome", "Italy")))
         >>> tok = WordTokenizer.from_relations([r], d_vocab=50)
@@ -345,7 +341,7 @@ def build_prompt(
     """Assemble ``[BOS] + demos + query`` from pre-tokenized pieces.
 
     Example:
-        >>> from tl_tensorlens.relations import Relation, RelationSample, WordTokenizer
+        >>> from tl_tensorlens.evaluation.relations import Relation, RelationSample, WordTokenizer
         >>> r = Relation("r", ("{} is in",), (), (RelationSample("Paris", "France"), RelationSample("Rome", "Italy")))
         >>> tok = WordTokenizer.from_relations([r], d_vocab=50)
         >>> a, b = align_samples(r, tok)

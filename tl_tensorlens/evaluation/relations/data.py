@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tl_tensorlens.errors import TensorLensError
+from tl_tensorlens._paths import DATA_ENV, data_dir
+from tl_tensorlens.errors import RelationDataError
 
 __all__ = [
     "Relation",
@@ -27,11 +28,7 @@ __all__ = [
     "relation_from_dict",
 ]
 
-DATA_ENV_VAR = "TL_TENSORLENS_DATA"
-
-
-class RelationDataError(TensorLensError):
-    """A relation file or folder is missing, unreadable, or not in the LRE format."""
+DATA_ENV_VAR = DATA_ENV
 
 
 # Some LRE files store non-ASCII text double-escaped (the JSON holds a literal ``\u00ed``), so
@@ -163,18 +160,12 @@ def relation_from_dict(data: Mapping[str, Any], *, source: str = "<memory>") -> 
 
 
 def default_data_dir() -> Path:
-    """The shared data folder: ``$TL_TENSORLENS_DATA`` if set, else ``<repo>/../shared/data``.
+    """The data folder ``$TL_TENSORLENS_DATA`` (see :func:`tl_tensorlens._paths.data_dir`).
 
-    The folder may not exist; callers check and skip (tests) or raise (loaders).
-
-    Example:
-        >>> isinstance(default_data_dir(), Path)
-        True
+    Raises:
+        DataError: the variable is unset or names no folder.
     """
-    env = os.environ.get(DATA_ENV_VAR)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return data_dir()
 
 
 def _read_json(location: str) -> Any:

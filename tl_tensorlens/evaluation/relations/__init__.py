@@ -1,6 +1,7 @@
-"""Relation decoding: the TensorLens mean tensor (Eq. 26) against Linear Relational Embeddings."""
+"""Relation decoding (paper Sec. 4.2): the LRE data, aligned prompts, and the study of the mean tensor
+(Eq. 26, :class:`~tl_tensorlens.methods.relations.MeanTensor`) against Linear Relational Embeddings."""
 
-from tl_tensorlens.relations._data import (
+from tl_tensorlens.evaluation.relations.data import (
     Relation,
     RelationDataError,
     RelationSample,
@@ -9,16 +10,22 @@ from tl_tensorlens.relations._data import (
     load_relations,
     relation_from_dict,
 )
-from tl_tensorlens.relations._operators import (
-    LinearRelationEmbedding,
-    MeanTensor,
-    ModelReadout,
-    lre_example,
-    read_model,
-    unembed,
+from tl_tensorlens.evaluation.relations.decoding import (
+    KEY_FIELDS,
+    RelationSplit,
+    RelationStudyConfig,
+    decoding_metrics,
+    load_results,
+    lre_method_name,
+    make_split,
+    ok_methods,
+    open_store,
+    relation_digest,
+    results_table,
+    run_relation_study,
+    summarize_results,
 )
-from tl_tensorlens.relations._plot import plot_relation_results
-from tl_tensorlens.relations._prompts import (
+from tl_tensorlens.evaluation.relations.prompts import (
     AlignedSample,
     FewShot,
     PromptAlignmentError,
@@ -32,24 +39,10 @@ from tl_tensorlens.relations._prompts import (
     most_common_length,
     stack_tokens,
 )
-from tl_tensorlens.relations._study import (
-    RelationSplit,
-    RelationStudyConfig,
-    decoding_metrics,
-    load_results,
-    lre_method_name,
-    make_split,
-    results_table,
-    run_relation_study,
-    summarize_results,
-)
 
 __all__ = [
     "AlignedSample",
     "FewShot",
-    "LinearRelationEmbedding",
-    "MeanTensor",
-    "ModelReadout",
     "PromptAlignmentError",
     "PromptFormat",
     "PromptTokenizer",
@@ -68,16 +61,16 @@ __all__ = [
     "load_relation",
     "load_relations",
     "load_results",
-    "lre_example",
     "lre_method_name",
     "make_split",
+    "ok_methods",
+    "open_store",
+    "relation_digest",
+    "KEY_FIELDS",
     "most_common_length",
-    "plot_relation_results",
-    "read_model",
     "relation_from_dict",
     "results_table",
     "run_relation_study",
     "stack_tokens",
     "summarize_results",
-    "unembed",
 ]

@@ -1,21 +1,8 @@
-"""TensorLens inside the usual TransformerLens workflows: logit lens and activation patching.
+"""TensorLens inside TransformerLens' activation patching: on the linearized model, predicted from
+tensors, and frozen-component patching.
 
-Three workflows, all exact consequences of TensorLens' frozen affine model
-``F(X) = T vec(X) + c`` (Atad et al. 2026, arXiv 2601.17958, Eq. 18-20):
-
-**Tensor logit lens** (:func:`tensor_logit_lens`). TransformerLens' logit lens reads the residual
-stream after ``k`` blocks through the final norm and the unembedding,
-``logits_k = unembed(ln_final(resid_k))``; ``ActivationCache.accumulated_resid(apply_ln=True)``
-recomputes the norm statistics of each ``resid_k``. Freezing *that* scale ``s_{k,i}`` (not the
-model's final one) makes the read-out an affine function of ``resid_k``, so the logit-lens logit of
-token ``t`` at position ``i`` is ``u_{k,i}ᵀ resid_{k,i} + β_{k,i}`` with
-``u_{k,i} = C (w ⊙ W_U[:, t]) / s_{k,i}`` (``C = I - 11ᵀ/D`` for LayerNorm, absent for RMS; ``C`` is
-symmetric, so centring the residual equals centring the read-out direction). Composed with the
-tensor ``T_{0→k}`` of the first ``k`` blocks this is an exact affine map from the input to the
-logit-lens logits, and the class-specific collapse (Eq. 24) with direction ``u_{k,i}`` says which
-input tokens drive the layer-``k`` logit-lens prediction: ``Σ_j M_k[i, j] + bias_k[i]`` *is*
-TransformerLens' logit-lens logit. At ``k = n_layers`` the scale is the model's own ``ln_final``
-scale and the map equals ``TensorLens(output="ln_final").collapse("logit")``.
+Both are exact consequences of TensorLens' frozen affine model ``F(X) = T vec(X) + c`` (Atad et al.
+2026, arXiv 2601.17958, Eq. 18-20).
 
 **Activation patching on the linearized model** (:func:`linearized_patching`,
 :func:`predict_patching`). Inside :func:`tl_tensorlens.replay.linearized` the model computes
@@ -45,8 +32,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_tensorlens.capture import FrozenState, capture
-from tl_tensorlens.errors import ReplayError, TensorLensError
+from tl_tensorlens._checks import as_int
+from tl_tensorlens._deprecation import renamed_kwargs
+from tl_tensorlens.capture import FrozenState
+from tl_tensorlens.errors import ArgumentError, TensorLensError
+from tl_tensorlens.methods.logit_lens import as_state
 from tl_tensorlens.replay import linearized, replay
 from tl_tensorlens.tensors import TensorLens
 
@@ -57,208 +47,6 @@ PatchingKind = Literal["resid_pre", "head_all_pos"]
 PATCHING_KINDS: tuple[str, ...] = ("resid_pre", "head_all_pos")
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
-
-
-def _as_state(model: Any, state_or_tokens: Any) -> FrozenState:
-    return state_or_tokens if isinstance(state_or_tokens, FrozenState) else capture(model, state_or_tokens)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensor logit lens
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorLogitLens:
-    """Per-layer class-specific maps of the logit-lens prediction, next to TransformerLens' logit lens.
-
-    Row ``r`` of every map belongs to output position ``positions[r]``. Index ``k`` of the ``layer``
-    axis is the residual stream after ``layers[k]`` blocks (0 = the embeddings, ``n_layers`` = the
-    final residual), the same indexing as ``ActivationCache.accumulated_resid``.
-
-    Attributes:
-        tokens: the prompt ``[pos]``.
-        positions: output positions of the rows.
-        layers: number of blocks applied for each entry of the layer axis.
-        target: token whose logit-lens logit each row explains ``[layer, row]``.
-        maps: ``M_k[i, j]``: input ``j``'s share of the layer-``k`` logit-lens logit of ``target`` at
-            position ``i`` ``[layer, row, pos_in]``.
-        bias: the share of no input (biases pushed through, ``ln_final``'s ``b``, ``b_U``) ``[layer, row]``.
-        tl_logits: TransformerLens' logit-lens logit of ``target`` (``unembed(ln_final(resid_k))``)
-            ``[layer, row]``.
-        tl_top: TransformerLens' logit-lens top-1 token ``[layer, row]``.
-    """
-
-    tokens: Int[Tensor, " pos"]
-    positions: tuple[int, ...]
-    layers: tuple[int, ...]
-    target: Int[Tensor, "layer row"]
-    maps: Float[Tensor, "layer row pos_in"]
-    bias: Float[Tensor, "layer row"]
-    tl_logits: Float[Tensor, "layer row"]
-    tl_top: Int[Tensor, "layer row"]
-
-    @property
-    def logits(self) -> Float[Tensor, "layer row"]:
-        """Logit-lens logits rebuilt from the maps: ``maps.sum(-1) + bias`` (equals :attr:`tl_logits`)."""
-        return self.maps.sum(-1) + self.bias
-
-    @property
-    def max_error(self) -> float:
-        """``max |logits - tl_logits|``: how exactly the tensor reproduces TransformerLens' logit lens."""
-        return float((self.logits - self.tl_logits).abs().max())
-
-    def row(self, position: int) -> Float[Tensor, "layer pos_in"]:
-        """``[layer, pos_in]`` map of one output position (must be among :attr:`positions`)."""
-        n = int(self.tokens.shape[0])
-        p = position + n if position < 0 else position
-        if p not in self.positions:
-            raise ReplayError(f"position {position} was not computed; positions={self.positions}")
-        return self.maps[:, self.positions.index(p)]
-
-    def __repr__(self) -> str:
-        return (
-            f"TensorLogitLens(layers={list(self.layers)}, rows={len(self.positions)}, pos_in={int(self.tokens.shape[0])}, "
-            f"max_error={self.max_error:.1e}, dtype={self.maps.dtype}, device={self.maps.device})"
-        )
-
-
-def _final_norm(model: Any) -> Any:
-    norm = getattr(model, "ln_final", None)
-    if norm is None or isinstance(norm, torch.nn.Identity):
-        return None
-    return norm
-
-
-def _readout(model: Any, resid: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Read ``resid`` [pos, d_model] through ``ln_final`` (its scale frozen at ``resid``) and the unembedding.
-
-    Returns:
-        live logits ``[pos, d_vocab]`` (TransformerLens' logit lens), the targets ``[pos]`` (the
-        live top-1 where ``target`` is None), the read-out directions ``u`` ``[pos, d_model]`` and
-        constants ``β`` ``[pos]`` with ``logit[i, target_i] = u_i · resid_i + β_i``.
-    """
-    norm = _final_norm(model)
-    scale: dict[str, Tensor] = {}
-
-    def record(s: Tensor, hook: Any) -> None:
-        scale["s"] = s.detach()
-
-    def frozen(s: Tensor, hook: Any) -> Tensor:
-        # A new tensor, not an in-place edit: the Bridge detects norm edits by object identity.
-        return scale["s"].to(s.dtype).expand_as(s).clone()
-
-    def read(r: Tensor) -> Tensor:
-        return model.unembed(norm(r) if norm is not None else r)
-
-    with torch.no_grad():
-        if norm is not None:
-            with model.hooks(fwd_hooks=[("ln_final.hook_scale", record)]):
-                live = read(resid[None])[0]
-        else:
-            live = read(resid[None])[0]
-    tgt = live.argmax(-1) if target is None else target.to(live.device)
-    hooks = [("ln_final.hook_scale", frozen)] if "s" in scale else []
-    r = torch.zeros_like(resid)[None].requires_grad_(True)
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        out = read(r)[0]
-        picked = out.gather(-1, tgt[:, None])[:, 0]
-        # The read-out is affine and acts position-wise, so one backward of the sum gives every u_i.
-        (u,) = torch.autograd.grad(picked.sum(), r)
-    return live.detach(), tgt, u[0].detach(), picked.detach()
-
-
-def tensor_logit_lens(
-    model: Any,
-    state_or_tokens: Any,
-    *,
-    token: int | Int[Tensor, " pos"] | None = None,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | int | None = None,
-    memory_budget: int | None = None,
-) -> TensorLogitLens:
-    """The tensor logit lens: per layer, which input tokens drive the logit-lens prediction.
-
-    For each ``k`` in ``layers`` the residual stream after ``k`` blocks is read through
-    ``ln_final`` with the scale frozen at that residual (exactly what
-    ``accumulated_resid(apply_ln=True)`` computes) and the unembedding; the class-specific collapse of
-    ``T_{0→k}`` with that read-out direction splits the logit-lens logit over the input positions.
-
-    Args:
-        model: a decoder (HookedTransformer or TransformerBridge) with ``ln_final`` and ``unembed``.
-        state_or_tokens: a :class:`~tl_tensorlens.capture.FrozenState` or one prompt.
-        token: the token whose logit is explained: one id, one per position, or None for each
-            layer's own logit-lens top-1 at each position.
-        layers: entries of the layer axis as numbers of blocks applied (default ``0 .. n_layers``).
-        positions: output positions (rows) to compute (default all).
-        memory_budget: passed to every :class:`~tl_tensorlens.tensors.TensorLens`.
-
-    Returns:
-        A :class:`TensorLogitLens`.
-
-    Raises:
-        ReplayError: the model has no unembedding (an encoder), or a layer/position is out of range.
-
-    Example:
-        >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
-        ...     d_vocab=20, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
-        >>> model = HookedTransformer(cfg)
-        >>> ll = tensor_logit_lens(model, torch.tensor([1, 4, 2, 7]))
-        >>> ll.maps.shape, ll.max_error < 1e-10
-        (torch.Size([3, 4, 4]), True)
-    """
-    state = _as_state(model, state_or_tokens)
-    if state.backend == "encoder" or getattr(model, "unembed", None) is None:
-        raise ReplayError("tensor_logit_lens needs a decoder with ln_final and unembed (an encoder has no logit lens)")
-    n_layers, n = state.n_layers, state.n_pos
-    ks = list(range(n_layers + 1)) if layers is None else [int(k) for k in layers]
-    for k in ks:
-        if not 0 <= k <= n_layers:
-            raise ReplayError(f"layers: {k} out of range 0..{n_layers} (number of blocks applied)")
-    if positions is None:
-        rows = list(range(n))
-    else:
-        rows = [
-            int(p) + n if int(p) < 0 else int(p) for p in ([positions] if isinstance(positions, int) else positions)
-        ]
-    for p in rows:
-        if not 0 <= p < n:
-            raise ReplayError(f"positions: {p} out of range 0..{n - 1}")
-    x0 = state.x0
-    fixed: Tensor | None = None
-    if token is not None:
-        fixed = torch.as_tensor(token, device=x0.device).long().expand(n).clone()
-
-    idx = torch.tensor(rows, device=x0.device)
-    maps, biases, targets, tl_logits, tl_top = [], [], [], [], []
-    for k in ks:
-        resid = state.resid_pre(0) if k == 0 else state.block_output(k - 1)
-        live, tgt, u, beta = _readout(model, resid, fixed)
-        tl_top.append(live.argmax(-1)[idx])
-        tl_logits.append(live.gather(-1, tgt[:, None])[:, 0][idx])
-        targets.append(tgt[idx])
-        if k == 0:
-            # No block applied: T is the identity, so input j only feeds output j.
-            M = torch.zeros(len(rows), n, dtype=x0.dtype, device=x0.device)
-            M[torch.arange(len(rows)), idx] = (u * x0).sum(-1)[idx]
-            maps.append(M)
-            biases.append(beta[idx])
-            continue
-        lens = TensorLens.from_state(model, state, layers=(0, k), output="resid_post", memory_budget=memory_budget)
-        maps.append(lens.collapse("class", direction=u, positions=rows))
-        biases.append((lens.collapse_bias("class", direction=u) + beta)[idx])
-    return TensorLogitLens(
-        tokens=state.tokens[0],
-        positions=tuple(rows),
-        layers=tuple(ks),
-        target=torch.stack(targets),
-        maps=torch.stack(maps),
-        bias=torch.stack(biases),
-        tl_logits=torch.stack(tl_logits),
-        tl_top=torch.stack(tl_top),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,9 +98,10 @@ def _check_corrupted(state: FrozenState, corrupted_tokens: Any) -> Tensor:
     if tok.ndim == 1:
         tok = tok[None]
     if tok.shape != state.tokens.shape:
-        raise ReplayError(
-            f"corrupted tokens have shape {tuple(tok.shape)}, the clean capture {tuple(state.tokens.shape)}: "
-            "patching needs prompts of the same length"
+        raise ArgumentError(
+            "corrupted_tokens",
+            tuple(tok.shape),
+            f"the clean capture's shape {tuple(state.tokens.shape)} (patching needs prompts of the same length)",
         )
     return tok.to(state.tokens.device).long()
 
@@ -344,7 +133,7 @@ def linearized_patching(
     from transformer_lens import patching
 
     if kind not in PATCHING_KINDS:
-        raise ReplayError(f"kind={kind!r}; choose one of {PATCHING_KINDS}")
+        raise ArgumentError("kind", kind, f"one of {PATCHING_KINDS}")
     tok = _check_corrupted(state, corrupted_tokens)
     fn = patching.get_act_patch_resid_pre if kind == "resid_pre" else patching.get_act_patch_attn_head_out_all_pos
     with linearized(model, state):
@@ -400,6 +189,7 @@ def predict_patching(
 
     Example:
         >>> import torch
+        >>> from tl_tensorlens import capture
         >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
         >>> cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
         ...     d_vocab=20, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
@@ -412,7 +202,7 @@ def predict_patching(
         True
     """
     if kind not in PATCHING_KINDS:
-        raise ReplayError(f"kind={kind!r}; choose one of {PATCHING_KINDS}")
+        raise ArgumentError("kind", kind, f"one of {PATCHING_KINDS}")
     L, n = state.n_layers, state.n_pos
     x0 = state.x0
     xc = corrupted_input(model, state, corrupted_tokens)
@@ -462,12 +252,13 @@ def _layer_of(hook_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+@renamed_kwargs(layers="blocks")
 def mix_frozen(
     clean: FrozenState,
     corrupted: FrozenState,
     components: Sequence[str],
     *,
-    layers: Sequence[int] | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> FrozenState:
     """The clean capture with the frozen values of ``components`` taken from ``corrupted``.
 
@@ -480,8 +271,8 @@ def mix_frozen(
         components: classes taken from ``corrupted``: "attention" (patterns), "norm" (every norm
             scale), "mlp" (MLP gates / activation ratios, an encoder head's GELU ratio), "softcap"
             (the frozen output-logit soft-cap ratio).
-        layers: only values of these blocks are taken (values outside blocks, such as
-            ``ln_final``'s scale, only when ``layers`` is None).
+        blocks: only values of these blocks are taken (values outside blocks, such as
+            ``ln_final``'s scale, only when ``blocks`` is None; ``layers=`` is its deprecated name).
 
     Returns:
         A new :class:`~tl_tensorlens.capture.FrozenState` (``dataclasses.replace`` of ``clean``).
@@ -498,7 +289,7 @@ def mix_frozen(
             f"{len(clean.frozen)} vs {len(corrupted.frozen)} frozen hooks; capture both prompts on the same "
             "model with the same length"
         )
-    keep = None if layers is None else {int(layer) for layer in layers}
+    keep = None if blocks is None else {as_int("blocks", b, lo=0, hi=clean.n_layers - 1) for b in blocks}
     take = set(components)
 
     def chosen(name: str) -> bool:
@@ -553,6 +344,7 @@ DEFAULT_VARIANTS: tuple[tuple[str, ...], ...] = (
 )
 
 
+@renamed_kwargs(layers="blocks")
 def frozen_component_patching(
     model: Any,
     clean: Any,
@@ -560,8 +352,8 @@ def frozen_component_patching(
     metric: LogitDiff,
     *,
     variants: Sequence[Sequence[str]] = DEFAULT_VARIANTS,
-    layers: Sequence[int] | None = None,
-    memory_budget: int | None = None,
+    blocks: Sequence[int] | None = None,
+    memory_budget: int | str | None = None,
 ) -> ComponentPatching:
     """Attribute a behaviour change to attention routing, normalization or MLP gating.
 
@@ -576,14 +368,14 @@ def frozen_component_patching(
         corrupted: corrupted capture or prompt (same length).
         metric: a :class:`LogitDiff` (its ``good`` token also picks the logit collapse shown in ``maps``).
         variants: tuples of classes to take from the corrupted capture.
-        layers: restrict the swap to these blocks (see :func:`mix_frozen`).
+        blocks: restrict the swap to these blocks (see :func:`mix_frozen`).
         memory_budget: passed to the lenses.
 
     Returns:
         A :class:`ComponentPatching`.
     """
-    clean_s = _as_state(model, clean)
-    corr_s = _as_state(model, corrupted)
+    clean_s = as_state(model, clean)
+    corr_s = as_state(model, corrupted)
     pos = metric.position + clean_s.n_pos if metric.position < 0 else metric.position
     labels, comps, values, maps = [], [], [], []
 
@@ -593,11 +385,11 @@ def frozen_component_patching(
             value = float(metric(logits[None]))
         lens = TensorLens.from_state(model, state, output="ln_final", memory_budget=memory_budget)
         token = torch.full((state.n_pos,), metric.good, dtype=torch.long)
-        return value, lens.collapse("logit", token=token, positions=[pos])[0]
+        return value, lens.collapse("in_class", token=token, positions=[pos])[0]
 
     for variant in variants:
         v = tuple(variant)
-        value, row = read(mix_frozen(clean_s, corr_s, v, layers=layers))
+        value, row = read(mix_frozen(clean_s, corr_s, v, blocks=blocks))
         labels.append("clean" if not v else "corrupted " + "+".join(v))
         comps.append(v)
         values.append(value)
@@ -619,21 +411,3 @@ def frozen_class_counts(state: FrozenState) -> Mapping[str, int]:
     counts["mlp"] += len(state.head_act_ratio)
     counts["softcap"] += int(state.logit_ratio is not None)
     return counts
-
-
-__all__ = [
-    "COMPONENTS",
-    "ComponentPatching",
-    "LogitDiff",
-    "PATCHING_KINDS",
-    "PatchingPrediction",
-    "TensorLogitLens",
-    "component_of",
-    "corrupted_input",
-    "frozen_class_counts",
-    "frozen_component_patching",
-    "linearized_patching",
-    "mix_frozen",
-    "predict_patching",
-    "tensor_logit_lens",
-]

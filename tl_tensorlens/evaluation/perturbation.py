@@ -1,31 +1,34 @@
 """Perturbation tests (paper Sec. 4.1): mask the tokens a relevance map ranks highest (positive)
 or lowest (negative) and watch the model's prediction degrade.
 
-For each example the harness captures **one** forward (the state every method reads), takes the
-relevance row of the target position (encoder: ``[CLS]``, position 0; decoder: the last
-position), ranks the maskable input tokens by it, masks the top-k (positive) or bottom-k
-(negative) for each fraction (default 0 %, 5 %, …, 30 %), and records, against the unperturbed
-prediction: whether the prediction is unchanged ("accuracy"), the probability of the original
-prediction, and the mean squared change of the output hidden state at the target position.
+For each example the harness captures **one** forward (the state every method reads), verifies the
+frozen replay on it (a tensor map of a replay that does not reproduce the model would be a wrong
+answer, so a failure stops the run), takes the relevance row of the target position (encoder:
+``[CLS]``, position 0; decoder: the last position), ranks the maskable input tokens by it, masks the
+top-k (``order="positive"``) or bottom-k (``"negative"``) for each fraction (default 0 %, 5 %, …,
+30 %), and records, against the unperturbed prediction: whether the prediction is unchanged
+("accuracy"), the probability of the original prediction, and the mean squared change of the output
+hidden state at the target position.
 
 * **Masking.** ``"replace"`` puts ``mask_token_id`` in place of each masked token ([MASK] for BERT
   encoders; for decoders a pad/unk-like token of your choice). ``"delete"`` removes the tokens
   (decoders: the sequence shortens, the target stays the last position). Special tokens
   (``special_token_ids``: [CLS], [SEP], BOS, ...) are never masked and never counted.
 * **k.** ``k = ⌊f · n + 1/2⌋`` with ``n`` the number of maskable tokens
-  (:func:`tl_tensorlens.metrics.n_masked`). Ties in relevance break by position (stable sort).
-* **Resume.** Rows go to a JSONL file, one line per (example, method, direction, fraction); all
-  rows of one example are written with a single ``write`` and ``fsync``'d. A rerun reads the file,
-  drops a torn last line, skips every (example, method) already complete, and returns the table
-  in a canonical order, so an interrupted run and an uninterrupted one give the same table.
+  (:func:`tl_tensorlens.evaluation.metrics.n_masked`). Ties in relevance break by position (stable sort).
+* **Resume.** Rows go to a :class:`~tl_tensorlens.evaluation.store.ResultStore` (JSONL), one line per
+  (example, method, order, fraction), keyed by the settings, the **model's fingerprint**
+  (:func:`~tl_tensorlens.capture.model_fingerprint`: config and every weight) and the **example's
+  content** (a hash of its token ids) as well as its id; all rows of one example are written with a
+  single ``write`` and ``fsync``. A rerun skips every (model, example, method) already complete, so an
+  interrupted run and an uninterrupted one give the same table; the same file can hold several models.
 """
 
 import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import InitVar, asdict, dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -33,19 +36,33 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_tensorlens import metrics
-from tl_tensorlens.errors import TensorLensError
+from tl_tensorlens._backend import default_output, final_hidden_hook
+from tl_tensorlens._deprecation import moved_names, renamed_kwargs, warn_deprecated
+from tl_tensorlens.capture import capture, model_fingerprint
+from tl_tensorlens.errors import ArgumentError, TensorLensError
+from tl_tensorlens.evaluation import metrics
+from tl_tensorlens.evaluation.store import ResultStore
+from tl_tensorlens.replay import record, verify_replay
 
-Direction = Literal["positive", "negative"]
+Order = Literal["positive", "negative"]
+ORDERS: tuple[str, ...] = ("positive", "negative")
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
+#: The fields that identify a row of a perturbation results file.
+KEY_FIELDS: tuple[str, ...] = ("config", "model", "example", "tokens", "method", "order", "fraction")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One input: a stable id (the resume key) and its token ids, special tokens included."""
+    """One input: a stable id and its token ids, special tokens included."""
 
     id: str
     tokens: Int[Tensor, " pos"]
+
+    @property
+    def digest(self) -> str:
+        """A hash of the token ids (part of the resume key, so a changed example is recomputed)."""
+        ids = self.tokens.reshape(-1).to(torch.int64).cpu().numpy().tobytes()
+        return hashlib.sha1(ids).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -73,18 +90,6 @@ class Readout(Protocol):
         ...
 
 
-def _final_hidden(model: Any, tokens: Tensor, hook: str) -> tuple[Tensor, Any]:
-    store: dict[str, Tensor] = {}
-
-    def keep(act: Tensor, hook: Any) -> None:
-        store["h"] = act.detach()
-
-    out = model.run_with_hooks(tokens, fwd_hooks=[(hook, keep)])
-    if "h" not in store:
-        raise TensorLensError(f"hook {hook!r} did not fire on {type(model).__name__}")
-    return store["h"], out
-
-
 class ClassifierReadout:
     """A linear classification head on one position's final hidden state (encoders).
 
@@ -95,8 +100,8 @@ class ClassifierReadout:
         W: ``[d_model, n_classes]``.
         b: ``[n_classes]``.
         position: the pooled position ([CLS] = 0).
-        hidden_hook: hook holding the final hidden state; default
-            ``blocks.{L-1}.hook_normalized_resid_post`` on HookedEncoder, else ``hook_resid_post``.
+        hidden_hook: hook holding the final hidden state; default the last block's output
+            (:func:`tl_tensorlens._backend.final_hidden_hook`).
     """
 
     def __init__(
@@ -108,25 +113,16 @@ class ClassifierReadout:
         hidden_hook: str | None = None,
     ):
         if W.dim() != 2 or b.shape != (W.shape[1],):
-            raise TensorLensError(
-                f"head W must be [d_model, n_classes] and b [n_classes]; got {tuple(W.shape)}, {tuple(b.shape)}"
-            )
+            raise ArgumentError("W, b", (tuple(W.shape), tuple(b.shape)), "W [d_model, n_classes] and b [n_classes]")
         self.W, self.b, self._position, self.hidden_hook = W, b, position, hidden_hook
 
     def position(self, n_tokens: int) -> int:
         return self._position
 
-    def _hook(self, model: Any) -> str:
-        if self.hidden_hook is not None:
-            return self.hidden_hook
-        last = model.cfg.n_layers - 1
-        if any(c.__name__ == "HookedEncoder" for c in type(model).__mro__):
-            return f"blocks.{last}.hook_normalized_resid_post"
-        return f"blocks.{last}.hook_resid_post"
-
     def __call__(self, model: Any, tokens: Int[Tensor, "batch pos"]) -> Prediction:
-        h, _ = _final_hidden(model, tokens, self._hook(model))
-        h = h[:, self._position]
+        hook = self.hidden_hook or final_hidden_hook(model)
+        _, acts = record(model, tokens, [hook], stop_after=hook)
+        h = acts[hook][:, self._position]
         logits = h @ self.W.to(h.dtype) + self.b.to(h.dtype)
         return Prediction(h, torch.softmax(logits.to(torch.float64), -1))
 
@@ -138,7 +134,7 @@ class NextTokenReadout:
     """Next-token prediction at the last position (decoders).
 
     The hidden state is what the unembedding reads (``unembed.hook_in``: after ``ln_final``);
-    the class-specific target is the predicted token id (``collapse("logit", token=...)``).
+    the class-specific target is the predicted token id (``collapse("in_class", token=...)``).
     """
 
     def __init__(self, hidden_hook: str = "unembed.hook_in"):
@@ -148,7 +144,8 @@ class NextTokenReadout:
         return n_tokens - 1
 
     def __call__(self, model: Any, tokens: Int[Tensor, "batch pos"]) -> Prediction:
-        h, logits = _final_hidden(model, tokens, self.hidden_hook)
+        logits, acts = record(model, tokens, [self.hidden_hook])
+        h = acts[self.hidden_hook]
         return Prediction(h[:, -1], torch.softmax(logits[:, -1].to(torch.float64), -1))
 
     def target(self, predicted: int) -> int:
@@ -157,11 +154,12 @@ class NextTokenReadout:
 
 @dataclass(frozen=True)
 class PerturbationConfig:
-    """Settings of a perturbation run (all of them enter the resume key).
+    """Settings of a perturbation run (all of them but the batch size and ``verify`` enter the key).
 
     Attributes:
         fractions: masked fractions, increasing, starting at 0 for AOPC/HS-MSE as defined.
-        directions: ``"positive"`` (most relevant first) and/or ``"negative"`` (least first).
+        orders: ``"positive"`` (most relevant first) and/or ``"negative"`` (least first);
+            ``directions=`` is the deprecated name.
         masking: ``"replace"`` (with ``mask_token_id``) or ``"delete"``.
         mask_token_id: the replacement token ([MASK] for encoders).
         special_token_ids: ids never masked ([CLS], [SEP], BOS, padding).
@@ -169,66 +167,68 @@ class PerturbationConfig:
         rank_by: ``"value"`` ranks by the relevance itself (the paper's protocol); ``"magnitude"`` by
             ``|relevance|``, so for signed maps (In+Out, In+Class) the tokens masked first in negative
             perturbation are those with the *smallest* effect, not the most negative one.
+        verify: check the frozen replay on every example before the methods read it.
     """
 
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
-    directions: tuple[str, ...] = ("positive", "negative")
+    orders: tuple[str, ...] = ORDERS
     masking: Literal["replace", "delete"] = "replace"
     mask_token_id: int | None = None
     special_token_ids: tuple[int, ...] = ()
     batch_size: int = 64
     rank_by: Literal["value", "magnitude"] = "value"
+    verify: bool = True
+    directions: InitVar[tuple[str, ...] | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, directions: tuple[str, ...] | None) -> None:
+        if directions is not None:
+            warn_deprecated("PerturbationConfig(directions=...)", "orders=...", stacklevel=4)
+            object.__setattr__(self, "orders", tuple(directions))
         if self.rank_by not in ("value", "magnitude"):
-            raise TensorLensError(f"rank_by must be 'value' or 'magnitude', got {self.rank_by!r}")
+            raise ArgumentError("rank_by", self.rank_by, "'value' or 'magnitude'")
         fr = list(self.fractions)
-        if not fr or any(b <= a for a, b in zip(fr, fr[1:], strict=False)) or fr[0] < 0 or fr[-1] > 1:
-            raise TensorLensError(f"fractions must be increasing within [0, 1], got {self.fractions}")
-        bad = set(self.directions) - {"positive", "negative"}
-        if bad or not self.directions:
-            raise TensorLensError(f"directions must be 'positive'/'negative', got {self.directions}")
+        if (
+            not fr
+            or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in fr)
+            or any(b <= a for a, b in zip(fr, fr[1:], strict=False))
+            or fr[0] < 0
+            or fr[-1] > 1
+        ):
+            raise ArgumentError("fractions", self.fractions, "increasing numbers within [0, 1]")
+        bad = set(self.orders) - set(ORDERS)
+        if bad or not self.orders:
+            raise ArgumentError("orders", self.orders, "a non-empty subset of ('positive', 'negative')")
         if self.masking not in ("replace", "delete"):
-            raise TensorLensError(f"masking must be 'replace' or 'delete', got {self.masking!r}")
+            raise ArgumentError("masking", self.masking, "'replace' or 'delete'")
         if self.masking == "replace" and self.mask_token_id is None:
-            raise TensorLensError("masking='replace' needs mask_token_id (e.g. the tokenizer's [MASK])")
+            raise ArgumentError("mask_token_id", None, "a token id for masking='replace' (e.g. the tokenizer's [MASK])")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ArgumentError("batch_size", self.batch_size, "an integer >= 1")
 
     def key(self) -> str:
-        """A short hash of the settings that change results (not the batch size)."""
+        """A short hash of the settings that change results (not the batch size or ``verify``)."""
         d = asdict(self)
         d.pop("batch_size")
+        d.pop("verify")
+        # Keys written before the rename stay valid: the field was called "directions".
+        d["directions"] = d.pop("orders")
         if d["rank_by"] == "value":  # the original protocol keeps the keys of runs made before rank_by existed
             d.pop("rank_by")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class _PlainState:
-    """Fallback capture (tokens + activations) used when the core capture is unavailable."""
-
-    tokens: Tensor
-    activations: dict[str, Tensor] = field(repr=False)
-
-
 def default_capture(model: Any, tokens: Int[Tensor, "1 pos"]) -> Any:
-    """One forward: the core ``FrozenState`` when available, else tokens + the TL cache."""
-    try:
-        from tl_tensorlens.capture import capture  # type: ignore[attr-defined]
-    except ImportError:
-        capture = None
-    if capture is not None:
-        return capture(model, tokens)
-    _, cache = model.run_with_cache(tokens)
-    return _PlainState(tokens, {k: v for k, v in cache.items()})
+    """One forward: the ``FrozenState`` every method reads."""
+    return capture(model, tokens)
 
 
 def rank_positions(
     relevance: Float[Tensor, " pos_in"],
     maskable: Sequence[int],
-    direction: str,
+    order: str,
     rank_by: Literal["value", "magnitude"] = "value",
 ) -> list[int]:
-    """Maskable positions in masking order (most relevant first for "positive").
+    """Maskable positions in masking order (most relevant first for ``"positive"``).
 
     Example:
         >>> rank_positions(torch.tensor([0.0, 3.0, 1.0, 2.0]), [1, 2, 3], "positive")
@@ -238,15 +238,17 @@ def rank_positions(
         >>> rank_positions(torch.tensor([0.0, -3.0, 1.0, 2.0]), [1, 2, 3], "negative", "magnitude")
         [2, 3, 1]
     """
+    if order not in ORDERS:
+        raise ArgumentError("order", order, "'positive' or 'negative'")
     idx = torch.tensor(list(maskable), dtype=torch.long)
     rel = relevance.detach().to(torch.float64).cpu()[idx]
     if rank_by == "magnitude":
         rel = rel.abs()
     if not torch.isfinite(rel).all():
         raise TensorLensError(f"relevance row has non-finite entries at maskable positions: {rel}")
-    key = -rel if direction == "positive" else rel
-    order = torch.sort(key, stable=True).indices
-    return [int(i) for i in idx[order]]
+    key = -rel if order == "positive" else rel
+    ranked = torch.sort(key, stable=True).indices
+    return [int(i) for i in idx[ranked]]
 
 
 def _perturb(tokens: Tensor, masked: Sequence[int], config: PerturbationConfig) -> Tensor:
@@ -261,71 +263,66 @@ def _perturb(tokens: Tensor, masked: Sequence[int], config: PerturbationConfig) 
     return tokens[keep]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a torn last line (a crash mid-write) is cut off the file."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    good_end = data.rfind(b"\n") + 1
-    if good_end < len(data):
-        # The last write did not finish: truncate so the next append starts on a fresh line.
-        with open(path, "r+b") as fh:
-            fh.truncate(good_end)
-        data = data[:good_end]
-    rows = []
-    for line in data.decode().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
+def _upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Rows written by 0.1 called the order "direction" and had no model or token hash."""
+    if "direction" in row and "order" not in row:
+        row = {**row, "order": row.pop("direction")}
+    row.setdefault("model", "unknown")
+    row.setdefault("tokens", "unknown")
+    return row
+
+
+def open_store(path: str | os.PathLike[str]) -> ResultStore:
+    """The results store of a perturbation run (rows of 0.1 are read with their old field names)."""
+    return ResultStore(path, KEY_FIELDS, compare_ignore=("seconds",), upgrade=_upgrade_row)
 
 
 def load_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All rows of a results file, de-duplicated by (config, example, method, direction, fraction)."""
-    seen: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for row in _read_jsonl(Path(path)):
-        seen.setdefault(_row_key(row), row)
-    return list(seen.values())
+    """All rows of a results file, each key once (conflicting duplicates are an error)."""
+    return open_store(path).rows
 
 
-def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["config"], row["example"], row["method"], row["direction"], round(row["fraction"], 9))
-
-
+@renamed_kwargs(out_path="out")
 def run_perturbation(
     model: Any,
     examples: Iterable[Example],
     methods: Sequence[str],
     readout: Readout,
     config: PerturbationConfig,
-    out_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     *,
     progress: bool = True,
     capture_fn: Callable[[Any, Tensor], Any] = default_capture,
     on_example_written: Callable[[int], None] | None = None,
+    model_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) a perturbation test and return its rows.
 
     Args:
         model: a TransformerLens model (eval mode).
         examples: inputs with unique ids.
-        methods: registry names (:func:`tl_tensorlens.baselines.list_methods`).
+        methods: registry names (:func:`tl_tensorlens.methods.list_methods`).
         readout: :class:`ClassifierReadout` or :class:`NextTokenReadout` (or your own).
-        config: fractions, directions, masking.
-        out_path: the JSONL file (appended to; created if absent).
+        config: fractions, orders, masking.
+        out: the JSONL results file (appended to; created if absent; ``out_path=`` is its deprecated
+            name).
         progress: show a tqdm bar.
         capture_fn: ``(model, tokens[1, pos]) -> state`` (one forward per example).
         on_example_written: called with the number of examples written so far in this call,
             after each example's rows are on disk (tests use it to interrupt a run).
+        model_id: the model's key in the file (default: :func:`~tl_tensorlens.capture.model_fingerprint`,
+            a hash of the config and every weight).
 
     Returns:
-        The rows of these examples × methods, in (example, method, direction, fraction) order.
+        The rows of these examples × methods, in (example, method, order, fraction) order.
 
     Example:
         >>> import torch, tempfile, os
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32,
-        ...     d_vocab=20, n_ctx=12, act_fn="gelu", normalization_type="LN", seed=0)
-        >>> model = HookedTransformer(cfg)
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32,
+        ...     d_vocab=20, n_ctx=12, act_fn="gelu", seed=0)
+        >>> model = TransformerBridge.boot_native(cfg).eval()
         >>> ex = [Example("a", torch.tensor([0, 5, 6, 7, 8, 9]))]
         >>> conf = PerturbationConfig(fractions=(0.0, 0.2, 0.4), masking="replace",
         ...     mask_token_id=1, special_token_ids=(0,))
@@ -335,52 +332,54 @@ def run_perturbation(
         >>> len(rows), rows[0]["correct"]
         (6, 1)
     """
-    from tl_tensorlens.baselines import get_method
+    from tl_tensorlens.methods import get_method
 
     fns = {m: get_method(m) for m in methods}
     examples = list(examples)
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
-        raise TensorLensError("example ids must be unique (they are the resume key)")
-    path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ArgumentError("examples", dup, "unique example ids (they are part of the resume key)")
+    store = open_store(out)
     key = config.key()
-    existing = _read_jsonl(path)
-    other = {r["config"] for r in existing} - {key}
-    if other:
-        raise TensorLensError(
-            f"{path} holds rows of another configuration ({sorted(other)}; this one is {key}): "
-            "use a new file per configuration"
-        )
-    per_unit = len(config.directions) * len(config.fractions)
-    counts: dict[tuple[str, str], set[tuple[str, float]]] = {}
-    for r in existing:
-        counts.setdefault((r["example"], r["method"]), set()).add((r["direction"], round(r["fraction"], 9)))
-    done = {u for u, s in counts.items() if len(s) == per_unit}
+    mid = model_id if model_id is not None else model_fingerprint(model)
+    digests = {e.id: e.digest for e in examples}
+    per_unit = len(config.orders) * len(config.fractions)
+    counts: dict[tuple[str, str, str], int] = {}
+    for r in store.rows:
+        if r["config"] == key and r["model"] == mid:
+            u = (r["example"], r["tokens"], r["method"])
+            counts[u] = counts.get(u, 0) + 1
+    done = {u for u, c in counts.items() if c >= per_unit}
 
     from tqdm.auto import tqdm
 
     written = 0
     with torch.no_grad():
         for ex in tqdm(examples, desc="perturbation", disable=not progress):
-            todo = [m for m in methods if (ex.id, m) not in done]
+            todo = [m for m in methods if (ex.id, digests[ex.id], m) not in done]
             if not todo:
                 continue
-            rows = _run_example(model, ex, todo, fns, readout, config, capture_fn, key)
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write("".join(json.dumps(r) + "\n" for r in rows))
-                fh.flush()
-                os.fsync(fh.fileno())
+            rows = _run_example(model, ex, todo, fns, readout, config, capture_fn, key, mid)
+            store.append(rows)
             written += 1
             if on_example_written is not None:
                 on_example_written(written)
 
-    wanted_m, wanted_e = set(methods), set(ids)
-    rows = [r for r in load_rows(path) if r["method"] in wanted_m and r["example"] in wanted_e]
+    wanted_m = set(methods)
+    rows = [
+        r
+        for r in store.rows
+        if r["config"] == key
+        and r["model"] == mid
+        and r["method"] in wanted_m
+        and r["example"] in digests
+        and r["tokens"] == digests[r["example"]]
+    ]
     order_e = {e: i for i, e in enumerate(ids)}
     order_m = {m: i for i, m in enumerate(methods)}
-    order_d = {d: i for i, d in enumerate(config.directions)}
-    rows.sort(key=lambda r: (order_e[r["example"]], order_m[r["method"]], order_d[r["direction"]], r["fraction"]))
+    order_d = {d: i for i, d in enumerate(config.orders)}
+    rows.sort(key=lambda r: (order_e[r["example"]], order_m[r["method"]], order_d[r["order"]], r["fraction"]))
     return rows
 
 
@@ -393,6 +392,7 @@ def _run_example(
     config: PerturbationConfig,
     capture_fn: Callable[[Any, Tensor], Any],
     key: str,
+    model_id: str,
 ) -> list[dict[str, Any]]:
     tokens = ex.tokens.reshape(-1).to(torch.long)
     n = tokens.shape[0]
@@ -400,8 +400,12 @@ def _run_example(
     specials = set(config.special_token_ids)
     maskable = [i for i in range(n) if int(tokens[i]) not in specials]
     state = capture_fn(model, tokens[None])
+    check: Any = None
+    if config.verify and hasattr(state, "frozen"):
+        # The tensor methods read this capture: a replay that does not reproduce the model stops here.
+        (check,) = verify_replay(model, state, outputs=(default_output(model),))
 
-    # (method, direction, fraction, k, perturbed tokens); the original input is forwarded first.
+    # (method, order, fraction, k, perturbed tokens); the original input is forwarded first.
     plans: list[tuple[str, str, float, int, Tensor]] = []
     base = readout(model, tokens[None])
     orig_pred = int(base.probs[0].argmax())
@@ -412,11 +416,11 @@ def _run_example(
         if rel.shape[-1] != n:
             raise TensorLensError(f"method {m!r} returned a map of shape {tuple(rel.shape)} for {n} tokens")
         row = rel[position]
-        for d in config.directions:
-            order = rank_positions(row, maskable, d, config.rank_by) if maskable else []
+        for d in config.orders:
+            ranked = rank_positions(row, maskable, d, config.rank_by) if maskable else []
             for f in config.fractions:
                 k = metrics.n_masked(f, len(maskable))
-                plans.append((m, d, f, k, _perturb(tokens, order[:k], config)))
+                plans.append((m, d, f, k, _perturb(tokens, ranked[:k], config)))
 
     # Many plans share an input (every 0 % step, rankings that agree): forward each input once.
     unique: dict[tuple[int, ...], int] = {}
@@ -439,36 +443,40 @@ def _run_example(
 
     rows = []
     h0 = base.hidden[0]
+    digest = ex.digest
     for i, (m, d, f, k, _) in enumerate(plans):
         p = probs[i]
         pred_i = int(p.argmax())
-        rows.append(
-            {
-                "config": key,
-                "example": ex.id,
-                "method": m,
-                "direction": d,
-                "fraction": float(f),
-                "k": k,
-                "n_tokens": n,
-                "n_maskable": len(maskable),
-                "orig_pred": orig_pred,
-                "orig_prob": orig_prob,
-                "pred": pred_i,
-                "prob": float(p[orig_pred]),
-                "correct": int(pred_i == orig_pred),
-                "hs_mse": float(metrics.hidden_state_mse(h0.to(torch.float64), hidden[i].to(torch.float64))),
-            }
-        )
+        row = {
+            "config": key,
+            "model": model_id,
+            "example": ex.id,
+            "tokens": digest,
+            "method": m,
+            "order": d,
+            "fraction": float(f),
+            "k": k,
+            "n_tokens": n,
+            "n_maskable": len(maskable),
+            "orig_pred": orig_pred,
+            "orig_prob": orig_prob,
+            "pred": pred_i,
+            "prob": float(p[orig_pred]),
+            "correct": int(pred_i == orig_pred),
+            "hs_mse": float(metrics.hidden_state_mse(h0.to(torch.float64), hidden[i].to(torch.float64))),
+        }
+        if check is not None:
+            row["replay_affine_error"] = check.affine_error
+        rows.append(row)
     return rows
 
 
 @dataclass(frozen=True)
 class MethodSummary:
-    """Aggregates of one method × direction over examples (means with bootstrap CIs)."""
+    """Aggregates of one method × order over examples (means with bootstrap CIs)."""
 
     method: str
-    direction: str
+    order: str
     n_examples: int
     fractions: tuple[float, ...]
     accuracy_curve: tuple[float, ...]
@@ -478,17 +486,23 @@ class MethodSummary:
     aopc: metrics.Estimate
     hs_mse: metrics.Estimate
 
+    @property
+    def direction(self) -> str:
+        """Deprecated name of :attr:`order`."""
+        warn_deprecated("MethodSummary.direction", "MethodSummary.order")
+        return self.order
+
 
 def per_example_scores(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-    """Per (method, direction): per-example AUC(accuracy), AUC(prob), AOPC, HS-MSE and curves.
+    """Per (method, order): per-example AUC(accuracy), AUC(prob), AOPC, HS-MSE and curves.
 
     Examples are in first-seen order, so two methods' arrays are paired example by example.
     """
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["direction"], r["example"]), []).append(r)
+        groups.setdefault((r["method"], r["order"], r["model"], r["example"], r["tokens"]), []).append(r)
     out: dict[tuple[str, str], dict[str, list[Any]]] = {}
-    for (m, d, _), rs in groups.items():
+    for (m, d, *_), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["fraction"])
         fr = [r["fraction"] for r in rs]
         acc = [float(r["correct"]) for r in rs]
@@ -514,7 +528,7 @@ def per_example_scores(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], 
 def summarize(
     rows: Sequence[dict[str, Any]], *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> list[MethodSummary]:
-    """One :class:`MethodSummary` per (method, direction), in first-seen order."""
+    """One :class:`MethodSummary` per (method, order), in first-seen order."""
     out = []
     for (m, d), s in per_example_scores(rows).items():
         ci = {
@@ -546,7 +560,7 @@ def format_table(summaries: Sequence[MethodSummary]) -> str:
     """
     by: dict[str, dict[str, MethodSummary]] = {}
     for s in summaries:
-        by.setdefault(s.method, {})[s.direction] = s
+        by.setdefault(s.method, {})[s.order] = s
     dirs = [d for d in ("positive", "negative") if any(d in v for v in by.values())]
     head = ["method", "n"]
     for d in dirs:
@@ -563,29 +577,26 @@ def format_table(summaries: Sequence[MethodSummary]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(summaries: Sequence[MethodSummary], *, metric: Literal["accuracy", "prob"] = "accuracy") -> Any:
-    """Mean perturbation curves, one panel per direction; returns a matplotlib Figure (not shown)."""
-    import matplotlib
-    from matplotlib.figure import Figure
+__getattr__ = moved_names(__name__, {"plot_curves": "tl_tensorlens.viz.plots:plot_perturbation_curves"})
 
-    dirs = [d for d in ("positive", "negative") if any(s.direction == d for s in summaries)]
-    fig = Figure(figsize=(5.5 * len(dirs) + 1.8, 4.2), layout="constrained")
-    axes = fig.subplots(1, len(dirs), squeeze=False)[0]
-    # One fixed, distinct colour per method (the default 10-colour cycle repeats past 10 methods).
-    methods = list(dict.fromkeys(s.method for s in summaries))
-    palette = matplotlib.colormaps["tab20"]
-    colour = {m: palette(i % 20) for i, m in enumerate(methods)}
-    for ax, d in zip(axes, dirs, strict=True):
-        for s in summaries:
-            if s.direction != d:
-                continue
-            y = s.accuracy_curve if metric == "accuracy" else s.prob_curve
-            style = "-" if s.method.startswith("tensor") else (":" if s.method == "random" else "--")
-            ax.plot([100 * f for f in s.fractions], y, style, color=colour[s.method], marker="o", ms=3, label=s.method)
-        ax.set_title(f"{d} perturbation")
-        ax.set_xlabel("% of tokens masked")
-        ax.set_ylabel("prediction unchanged" if metric == "accuracy" else "p(original prediction)")
-        ax.grid(alpha=0.3)
-    # Outside the panels: with a dozen methods a legend inside always hides some curve.
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return fig
+__all__ = [
+    "DEFAULT_FRACTIONS",
+    "KEY_FIELDS",
+    "ORDERS",
+    "ClassifierReadout",
+    "Example",
+    "MethodSummary",
+    "NextTokenReadout",
+    "Order",
+    "PerturbationConfig",
+    "Prediction",
+    "Readout",
+    "default_capture",
+    "format_table",
+    "load_rows",
+    "open_store",
+    "per_example_scores",
+    "rank_positions",
+    "run_perturbation",
+    "summarize",
+]
