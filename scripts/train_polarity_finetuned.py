@@ -33,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--work-dir", default=None, help="per-epoch checkpoints (default: .<name>.work beside --out)")
     parser.add_argument("--keep-work", action="store_true", help="keep the checkpoints after saving")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (recorded; results depend on it)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (recorded; bit-exact results need the same count)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     d = FinetuneConfig()
     parser.add_argument("--seed", type=int, default=d.seed)

