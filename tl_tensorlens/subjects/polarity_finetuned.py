@@ -408,7 +408,7 @@ def train_polarity_finetuned(
 
     from tl_tensorlens.subjects.loading import minilm_path
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     base_path = Path(base) if base is not None else minilm_path()
     if not (base_path / "config.json").is_file():
         raise TensorLensError(f"base model folder {base_path} holds no config.json")
@@ -554,6 +554,9 @@ def train_polarity_finetuned(
         "trainable_params": sum(p.numel() for _, p in params) + sum(p.numel() for p in head.parameters()),
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - start,
+        # CPU time of this process (all threads; this run only, not the epochs it resumed): on a
+        # shared machine the wall time says more about the other jobs than about the recipe.
+        "cpu_seconds": time.process_time() - cpu_start,
         "threads": torch.get_num_threads(),
         "versions": _versions(),
         "data_sha256": data_files,
