@@ -214,7 +214,7 @@ def test_trainable_parameters_follow_the_recipe(tiny: tuple[Path, Path]):
 def _real_or_skip() -> Path:
     folder = finetuned_cache_dir()
     if not is_built(folder):
-        pytest.skip(f"polarity_ft not built at {folder} (python scripts/train_polarity_finetuned.py, ~15 min)")
+        pytest.skip(f"polarity_ft not built at {folder} (python scripts/train_polarity_finetuned.py, 15-35 min)")
     if json.loads((folder / "metrics.json").read_text())["n_train"] != 8530:
         pytest.skip(f"{folder} holds a reduced build (--n-train), not the documented one")
     return folder
@@ -263,7 +263,7 @@ def test_real_build_tl_reproduces_hf_cls_logits(backend: str, dtype: torch.dtype
             ref = s.head.logits(hf(input_ids=ids).last_hidden_state[0, 0])
             _, cache = s.model.run_with_cache(ids, names_filter=hook)
             worst = max(worst, (s.head.logits(cache[hook][0, 0]) - ref).abs().max().item())
-    # measured: float32 <= 2e-6 (HookedEncoder), 0 (bridge); float64 <= 4e-15
+    # measured: float32 2.7e-6 (HookedEncoder), 0 (bridge); float64 8e-15 (HookedEncoder), 0 (bridge)
     assert worst < (1e-4 if dtype == torch.float32 else 1e-12)
 
 

