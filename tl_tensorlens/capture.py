@@ -518,6 +518,13 @@ def capture(model: Any, tokens: Any) -> FrozenState:
         >>> state.x0.shape
         torch.Size([3, 8])
     """
+    # A capture taken under torch.inference_mode must still be differentiable (the engine takes
+    # vector-Jacobian products through the frozen values), so none of its tensors is an inference tensor.
+    with torch.inference_mode(False):
+        return _capture(model, tokens)
+
+
+def _capture(model: Any, tokens: Any) -> FrozenState:
     backend = model_kind(model)
     check_supported(model)
     if _hooks.frozen_replay_active(model):
@@ -528,8 +535,7 @@ def capture(model: Any, tokens: Any) -> FrozenState:
     tokens = as_prompt_tokens(tokens, model)
     n_layers = int(model.cfg.n_layers)
     signature = model_signature(model)
-    # inference_mode(False): a capture taken under torch.inference_mode must still be differentiable.
-    with _hooks.model_lock(model), torch.inference_mode(False), torch.no_grad():
+    with _hooks.model_lock(model), torch.no_grad():
         # TL's own caching forward: its hooks live and die inside run_with_cache.
         logits, cache_obj = model.run_with_cache(tokens)
     cache: dict[str, Tensor] = {k: v.detach() for k, v in dict(cache_obj.items()).items()}

@@ -23,7 +23,6 @@ Usage:
 """
 
 import argparse
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from tl_tensorlens.evaluation.perturbation import (
     summarize,
 )
 from tl_tensorlens.methods import ALL_BASELINES, get_method
+from tl_tensorlens.studies._common import fractions, nonnegative_int, positive_int, replace_block
 
 METHODS = [*ALL_BASELINES, "tensor_norm", "tensor_in_out", "tensor_in_class", "random"]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -56,14 +56,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--subjects", default="polarity,induction,wikitext", help="comma list: polarity, induction, wikitext"
     )
-    p.add_argument("--n-sentences", type=int, default=500, help="held-out polarity sentences")
+    p.add_argument("--n-sentences", type=positive_int, default=500, help="held-out polarity sentences")
     p.add_argument(
-        "--n-norm", type=int, default=500, help="polarity sentences that also get the exact tensor_norm (the first N)"
+        "--n-norm",
+        type=nonnegative_int,
+        default=500,
+        help="polarity sentences that also get the exact tensor_norm (the first N)",
     )
-    p.add_argument("--n-decoder", type=int, default=300, help="induction sequences")
-    p.add_argument("--n-wikitext", type=int, default=200, help="held-out WikiText windows")
-    p.add_argument("--fractions", default="0,0.05,0.1,0.15,0.2,0.25,0.3")
-    p.add_argument("--n-bootstrap", type=int, default=1000)
+    p.add_argument("--n-decoder", type=positive_int, default=300, help="induction sequences")
+    p.add_argument("--n-wikitext", type=positive_int, default=200, help="held-out WikiText windows")
+    p.add_argument("--fractions", type=fractions, default="0,0.05,0.1,0.15,0.2,0.25,0.3")
+    p.add_argument("--n-bootstrap", type=positive_int, default=1000)
     p.add_argument("--work-dir", default=str(work_dir), help="resumable JSONL rows (default: %(default)s)")
     p.add_argument(
         "--docs",
@@ -78,7 +81,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default="value",
         help="rank tokens by relevance (the paper) or by |relevance| (fairer to signed maps in negative perturbation)",
     )
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -271,7 +274,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     args.notes = []
     torch.set_num_threads(args.threads)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-    fractions = tuple(float(f) for f in args.fractions.split(","))
+    fractions = tuple(args.fractions)
     conf_kw = dict(fractions=fractions, rank_by=args.rank_by)
     if args.docs is None:
         args.docs = str(Path(args.work_dir) / "perturbation.md")
@@ -308,11 +311,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     )
     print(body)
     if docs is not None:
-        text = docs.read_text(encoding="utf-8") if docs.exists() else f"# Perturbation tests\n\n{START}\n{END}\n"
-        if START not in text:
-            text += f"\n{START}\n{END}\n"
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{body}\n{END}", text, flags=re.S)
-        docs.write_text(text, encoding="utf-8")
+        replace_block(docs, START, END, body, title="Perturbation tests")
     return 0
 
 
