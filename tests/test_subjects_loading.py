@@ -68,7 +68,15 @@ def relations(backend: str):
 
 
 def test_list_subjects_names():
-    assert [s.name for s in list_subjects()] == ["induction", "relations", "minilm", "polarity", "wikitext"]
+    assert [s.name for s in list_subjects()] == [
+        "induction",
+        "relations",
+        "minilm",
+        "polarity",
+        "wikitext",
+        "smollm2",
+        "gemma3",
+    ]
 
 
 def test_checkpoint_files_small_and_pickle_free():

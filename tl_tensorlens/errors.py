@@ -30,6 +30,20 @@ class VerificationError(TensorLensError):
     """``verify=True`` found that the replay does not reproduce the model or is not affine."""
 
 
+class MissingExtraError(TensorLensError):
+    """An optional dependency (a project extra, or a package that must be installed by hand) is
+    absent; the message names the extra, the missing packages and the exact install commands."""
+
+    def __init__(self, what: str, extra: str, missing: list[str], commands: list[str]):
+        self.extra = extra
+        self.missing = list(missing)
+        self.commands = list(commands)
+        super().__init__(
+            f"{what} needs the packages {', '.join(self.missing)} (the `{extra}` extra), which are not "
+            f"installed; install them with: {' && '.join(self.commands)}"
+        )
+
+
 class MemoryBudgetError(TensorLensError):
     """A request would allocate more than the memory budget; the message gives the estimate
     and a cheaper alternative."""
