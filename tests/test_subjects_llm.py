@@ -164,7 +164,91 @@ def test_only_complete_current_builds_are_trusted(monkeypatch: pytest.MonkeyPatc
     assert not llm.is_built("gemma3", folder)
 
 
+def test_bridge_public_loader_and_private_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A tiny random LLaMA (GQA) saved as a folder: the public boot_transformers path, then the private
+    builder when the public one fails (with a warning); both run HF's modules exactly."""
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tl_tensorlens.subjects.loading import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    hf: Any = LlamaForCausalLM(cfg)
+    hf = hf.to(torch.float64).eval()
+    # Eager, as the bridge needs it: HF's eager softmax runs in float32 even in float64, so against
+    # the default SDPA attention the logits would differ at float32 precision (8.8e-9 here).
+    hf.set_attn_implementation("eager")
+    hf.config.architectures = ["LlamaForCausalLM"]
+    hf.save_pretrained(str(tmp_path))
+    tok = load_tokenizer(subject_path("induction"))  # any small tokenizer; vocabulary 100
+    x = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        ref = hf(x).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the public path must not fall back
+        with _no_network():
+            bridge = llm.bridge_from_folder(tmp_path, hf, tok, torch.float64)
+    with torch.no_grad():
+        assert torch.equal(bridge(x), ref)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("public loader broken")
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", broken)
+    with pytest.warns(RuntimeWarning, match="falling back to the private build_bridge_from_module"):
+        bridge = llm.bridge_from_folder(tmp_path, hf, tok, torch.float64)
+    with torch.no_grad():
+        assert torch.equal(bridge(x), ref)
+
+
 # ------------------------------------------------------------------------ real weights
+# Tests that load their own model come first, so that no module-scoped subject is alive meanwhile.
+def test_float32_through_the_registry_loads_and_verifies():
+    _skip_without_packages("smollm2")
+    ids = llm.hf_tokens("smollm2", PROMPTS[1])
+    for backend in BACKENDS:
+        with _no_network():
+            loaded = load_subject("smollm2", backend=backend, dtype=torch.float32)
+        model = loaded.model
+        assert loaded.path == llm.llm_cache_dir("smollm2") and model.cfg.n_layers == 30
+        assert next(model.parameters()).dtype == torch.float32
+        (check,) = verify_replay(model, ids, outputs=("ln_final",))
+        assert check.ok, check
+        with torch.no_grad():
+            assert model.tokenizer.decode(int(model(ids)[0, -1].argmax())) == " Paris"
+        del model, loaded
+        gc.collect()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_storage_is_lossless(name: str, tmp_path: Path):
+    """transformers dequantizes these GGUF files in float32 whatever dtype is asked for, so the stored
+    float32 folder upcast to float64 equals a direct float64 dequantization bit for bit."""
+    _skip_without_packages(name)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    stored = load_file(str(llm.ensure_llm_subject(name) / "model.safetensors"))  # float32, tied weights once
+    path = llm.gguf_path(name, tmp_path)
+    direct: Any = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float64)
+    sd = direct.state_dict()
+    assert set(stored) <= set(sd) and set(sd) - set(stored) <= {"lm_head.weight"}
+    differing = [k for k, v in stored.items() if not torch.equal(v.double(), sd[k])]
+    assert differing == []
+
+
 @pytest.fixture(scope="module", params=NAMES)
 def subject(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """One subject: its float64 models on every available backend, loaded once for the module."""
@@ -172,9 +256,23 @@ def subject(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     _skip_without_packages(name)
     with _no_network():
         folder = llm.ensure_llm_subject(name)
+        tokens = {p: llm.hf_tokens(name, p) for p in PROMPTS}
+        # The HF reference logits first, and the HF model freed before the TL models load: the peak is
+        # then one model's, not the sum (Gemma-3 in float64: ~2 GB each, 5.4 GB while converting to HT).
+        hf, tok = llm.load_hf(name, dtype=torch.float64)
+        with torch.no_grad():
+            hf_logits = {p: hf(ids).logits[0] for p, ids in tokens.items()}
+        del hf
+        gc.collect()
         models = {b: llm.load_llm(name, backend=b, dtype=torch.float64) for b in BACKENDS}
-    tokens = {p: llm.hf_tokens(name, p) for p in PROMPTS}
-    data: dict[str, Any] = {"name": name, "folder": folder, "models": models, "tokens": tokens}
+    data: dict[str, Any] = {
+        "name": name,
+        "folder": folder,
+        "models": models,
+        "tokens": tokens,
+        "hf_logits": hf_logits,
+        "hf_tokenizer": tok,
+    }
     yield data
     data.clear()
     gc.collect()
@@ -200,7 +298,7 @@ def test_build_is_a_safetensors_folder_with_provenance(subject: dict[str, Any]):
 
 def test_to_tokens_follows_the_hf_tokenizer(subject: dict[str, Any]):
     name = subject["name"]
-    bos = llm.llm_tokenizer(name).bos_token_id
+    bos = subject["hf_tokenizer"].bos_token_id
     for p, ids in subject["tokens"].items():
         for model in subject["models"].values():
             assert torch.equal(model.to_tokens(p).cpu(), ids), (name, p)
@@ -211,11 +309,9 @@ def test_to_tokens_follows_the_hf_tokenizer(subject: dict[str, Any]):
 
 
 def test_hf_logits_reproduced(subject: dict[str, Any]):
-    name = subject["name"]
-    hf, tok = llm.load_hf(name, dtype=torch.float64)
+    name, tok = subject["name"], subject["hf_tokenizer"]
     for p, ids in subject["tokens"].items():
-        with torch.no_grad():
-            ref = hf(ids).logits[0]
+        ref = subject["hf_logits"][p]  # from a separately loaded transformers model
         scale = float(ref.abs().max())
         for backend, model in subject["models"].items():
             with torch.no_grad():
@@ -223,11 +319,8 @@ def test_hf_logits_reproduced(subject: dict[str, Any]):
             rel = float((out - ref).abs().max()) / scale
             assert rel <= (HT_LOGITS_REL if backend == "hooked" else BRIDGE_LOGITS_REL), (name, backend, p, rel)
             assert int(out[-1].argmax()) == int(ref[-1].argmax())
-    with torch.no_grad():
-        eiffel = hf(subject["tokens"][PROMPTS[1]]).logits[0, -1]
+    eiffel = subject["hf_logits"][PROMPTS[1]][-1]
     assert tok.decode(int(eiffel.argmax())) == " Paris"  # a broken conversion would not know this
-    del hf
-    gc.collect()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -278,46 +371,3 @@ def test_hooked_and_bridge_give_the_same_tensor(subject: dict[str, Any], lenses:
     mixed = dataclasses.replace(ht.state, frozen=dict(br.state.frozen))
     rows_mixed = TensorLens.from_state(subject["models"]["hooked"], mixed, output="ln_final").apply_adjoint(g)
     assert float((rows_mixed - rows_br).abs().max()) <= 1e-12 * scale
-
-
-def test_float32_loads_and_verifies():
-    _skip_without_packages("smollm2")
-    ids = llm.hf_tokens("smollm2", PROMPTS[1])
-    for backend in BACKENDS:
-        with _no_network():
-            model = llm.load_llm("smollm2", backend=backend, dtype=torch.float32)
-        assert next(model.parameters()).dtype == torch.float32
-        (check,) = verify_replay(model, ids, outputs=("ln_final",))
-        assert check.ok, check
-        with torch.no_grad():
-            assert model.tokenizer.decode(int(model(ids)[0, -1].argmax())) == " Paris"
-        del model
-        gc.collect()
-
-
-def test_subject_registry_loads_the_same_model(subject: dict[str, Any]):
-    if subject["name"] != "smollm2":
-        pytest.skip("one registry load is enough (smollm2 is the cheaper one)")
-    backend = BACKENDS[-1]
-    loaded = load_subject("smollm2", backend=backend, dtype=torch.float64)
-    assert loaded.path == subject["folder"] and loaded.model.cfg.n_layers == 30
-    ids = subject["tokens"][PROMPTS[0]]
-    with torch.no_grad():
-        assert torch.equal(loaded.model(ids), subject["models"][backend](ids))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_float32_storage_is_lossless(name: str, tmp_path: Path):
-    """transformers dequantizes these GGUF files in float32 whatever dtype is asked for, so the stored
-    float32 folder upcast to float64 equals a direct float64 dequantization bit for bit."""
-    _skip_without_packages(name)
-    from transformers import AutoModelForCausalLM
-
-    stored, _ = llm.load_hf(name, dtype=torch.float64)
-    stored_sd = {k: v.clone() for k, v in stored.state_dict().items()}
-    del stored
-    path = llm.gguf_path(name, tmp_path)
-    direct = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float64)
-    differing = [k for k, v in direct.state_dict().items() if not torch.equal(v, stored_sd[k])]
-    assert differing == []

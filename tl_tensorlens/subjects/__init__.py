@@ -1,4 +1,4 @@
-"""Real subjects: offline loading of local checkpoints (MiniLM), a polarity head, decoders trained with known ground truth, and a WikiText-2 language model built locally."""
+"""Real subjects: offline loading of local checkpoints (MiniLM), a polarity head, decoders trained with known ground truth, a WikiText-2 language model built locally, and two real LLMs from GGUF packages (SmolLM2-135M, Gemma-3-270M)."""
 
 from tl_tensorlens.subjects.induction import (
     InductionBatch,
@@ -6,6 +6,13 @@ from tl_tensorlens.subjects.induction import (
     evaluate_induction,
     induction_batch,
     train_induction,
+)
+from tl_tensorlens.subjects.llm import (
+    LLMSpec,
+    build_llm_subject,
+    hf_tokens,
+    llm_spec,
+    load_llm,
 )
 from tl_tensorlens.subjects.loading import (
     final_hidden_hook,
@@ -52,11 +59,13 @@ __all__ = [
     "Fact",
     "InductionBatch",
     "InductionConfig",
+    "LLMSpec",
     "PolarityHead",
     "RelationConfig",
     "Subject",
     "SubjectInfo",
     "WikiTextConfig",
+    "build_llm_subject",
     "build_wikitext_subject",
     "cls_features",
     "evaluate_induction",
@@ -64,9 +73,12 @@ __all__ = [
     "evaluate_wikitext",
     "few_shot_prompt",
     "heldout_windows",
+    "hf_tokens",
     "final_hidden_hook",
     "induction_batch",
     "list_subjects",
+    "llm_spec",
+    "load_llm",
     "load_local",
     "load_minilm",
     "load_polarity_data",

@@ -46,6 +46,7 @@ tokenizer adds it; Gemma is trained with it). :func:`hf_tokens` returns the same
 """
 
 import contextlib
+import functools
 import gc
 import hashlib
 import importlib.metadata
@@ -403,7 +404,7 @@ def _build_into(spec: LLMSpec, tmp: Path) -> None:
 
     t0 = time.perf_counter()
     gguf = gguf_path(spec.name, tmp / "gguf")
-    sha = _sha256(gguf)
+    sha, gguf_bytes = _sha256(gguf), gguf.stat().st_size
     with _hub_offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=STORED_DTYPE)
@@ -439,7 +440,7 @@ def _build_into(spec: LLMSpec, tmp: Path) -> None:
         "build_format": BUILD_FORMAT,
         "spec": asdict(spec),
         "package": {"name": spec.package, "version": _version(spec.package)},
-        "gguf": {"file": spec.gguf_file, "sha256": sha, "bytes": gguf.stat().st_size if gguf.exists() else None},
+        "gguf": {"file": spec.gguf_file, "sha256": sha, "bytes": gguf_bytes},
         "versions": {
             "transformers": _version("transformers"),
             "gguf": _version("gguf"),
@@ -559,7 +560,17 @@ def hf_tokens(name: str, text: str, *, device: str | torch.device = "cpu") -> In
         >>> hf_tokens("smollm2", "The capital of France is")  # doctest: +SKIP
         tensor([[ 504, 3575,  282, 4649,  314]])
     """
-    return torch.tensor([llm_tokenizer(name)(text).input_ids], device=device)
+    folder = ensure_llm_subject(name)
+    return torch.tensor(
+        [_cached_tokenizer(str(folder), (folder / PROVENANCE_FILE).stat().st_mtime_ns)(text).input_ids], device=device
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(folder: str, stamp: int) -> Any:
+    # Private and only called, never handed out (tokenizers are mutable); ``stamp`` (the build's
+    # provenance mtime) makes a rebuilt folder load afresh. Gemma-3's 262k-token tokenizer takes ~1 s.
+    return load_tokenizer(folder)
 
 
 # ---------------------------------------------------------------------------------------- backends
