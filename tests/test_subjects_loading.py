@@ -75,6 +75,8 @@ def test_list_subjects_names():
         "polarity",
         "polarity_ft",
         "wikitext",
+        "smollm2",
+        "gemma3",
     ]
 
 

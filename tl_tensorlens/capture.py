@@ -143,7 +143,9 @@ def _sample_digest(p: Tensor) -> str:
     flat = p.detach().reshape(-1)
     if flat.numel() == 0:
         return "empty"
-    idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _SAMPLES), device=flat.device).long()
+    k = min(flat.numel(), _SAMPLES)
+    # Integer spacing: a float linspace rounds the last index past the end for large tensors.
+    idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
     vals = flat[idx].to(torch.float64).cpu().numpy().tobytes()
     return hashlib.sha1(vals).hexdigest()[:16]
 

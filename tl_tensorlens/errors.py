@@ -70,6 +70,24 @@ class VerificationError(TensorLensError):
     that a probe or output was not finite."""
 
 
+class MissingDependencyError(TensorLensError, ImportError):
+    """An optional package is not installed; the message names the extra and the install command."""
+
+
+class MissingExtraError(MissingDependencyError):
+    """An optional dependency (a project extra, or a package that must be installed by hand) is
+    absent; the message names the extra, the missing packages and the exact install commands."""
+
+    def __init__(self, what: str, extra: str, missing: list[str], commands: list[str]):
+        self.extra = extra
+        self.missing = list(missing)
+        self.commands = list(commands)
+        super().__init__(
+            f"{what} needs the packages {', '.join(self.missing)} (the `{extra}` extra), which are not "
+            f"installed; install them with: {' && '.join(self.commands)}"
+        )
+
+
 class MemoryBudgetError(TensorLensError):
     """A request would allocate more than the memory budget; the message gives the estimate
     and a cheaper alternative."""
@@ -95,10 +113,6 @@ class ResultsStoreError(TensorLensError):
     """A results file holds a corrupt line (file and line named) or conflicting rows for one key."""
 
 
-class MissingDependencyError(TensorLensError, ImportError):
-    """An optional package is not installed; the message names the extra and the install command."""
-
-
 class CliError(TensorLensError):
     """A user mistake on the command line (printed as one line, exit status 2)."""
 
@@ -111,6 +125,7 @@ __all__ = [
     "DataError",
     "MemoryBudgetError",
     "MissingDependencyError",
+    "MissingExtraError",
     "PromptAlignmentError",
     "RelationDataError",
     "ReplayError",

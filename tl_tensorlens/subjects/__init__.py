@@ -1,4 +1,4 @@
-"""Real subjects: offline loading of local checkpoints (MiniLM), polarity heads (frozen probe, fine-tuned encoder), decoders trained with known ground truth, and a WikiText-2 language model built locally."""
+"""Real subjects: offline loading of local checkpoints (MiniLM), polarity heads (frozen probe, fine-tuned encoder), decoders trained with known ground truth, a WikiText-2 language model built locally, and two real LLMs from GGUF packages (SmolLM2-135M, Gemma-3-270M)."""
 
 from tl_tensorlens.subjects.induction import (
     InductionBatch,
@@ -6,6 +6,13 @@ from tl_tensorlens.subjects.induction import (
     evaluate_induction,
     induction_batch,
     train_induction,
+)
+from tl_tensorlens.subjects.llm import (
+    LLMSpec,
+    build_llm_subject,
+    hf_tokens,
+    llm_spec,
+    load_llm,
 )
 from tl_tensorlens.subjects.loading import (
     final_hidden_hook,
@@ -60,11 +67,13 @@ __all__ = [
     "FinetuneConfig",
     "InductionBatch",
     "InductionConfig",
+    "LLMSpec",
     "PolarityHead",
     "RelationConfig",
     "Subject",
     "SubjectInfo",
     "WikiTextConfig",
+    "build_llm_subject",
     "build_polarity_finetuned",
     "build_wikitext_subject",
     "cls_features",
@@ -74,9 +83,12 @@ __all__ = [
     "few_shot_prompt",
     "finetuned_cache_dir",
     "heldout_windows",
+    "hf_tokens",
     "final_hidden_hook",
     "induction_batch",
     "list_subjects",
+    "llm_spec",
+    "load_llm",
     "load_local",
     "load_minilm",
     "load_polarity_data",

