@@ -8,6 +8,9 @@ Every registered method has the signature ``fn(model, state, *, position=None, t
   ``w_attn``, ``w_attn_res_ln``, ``globenc`` × ``rollout`` / ``mean``, and ``alti_rollout``;
 * tensor collapses (:mod:`~tl_tensorlens.methods.collapses`): ``tensor_norm``, ``tensor_in_out``,
   ``tensor_in_class``;
+* gradient baselines of the real model (:mod:`~tl_tensorlens.methods.gradients`, class-specific, like
+  In+Class): ``input_x_gradient``, ``input_x_gradient_l2``, ``integrated_gradients``, ``attnlrp``,
+  ``cp_lrp``;
 * ``random``: the control.
 """
 
@@ -25,6 +28,15 @@ from tl_tensorlens.methods.attention import (
 )
 from tl_tensorlens.methods.collapses import TENSOR_METHODS, make_tensor_method
 from tl_tensorlens.methods.controls import random_method
+from tl_tensorlens.methods.gradients import (
+    GRADIENT_METHODS,
+    attnlrp,
+    cp_lrp,
+    input_x_gradient,
+    input_x_gradient_l2,
+    integrated_gradients,
+    make_integrated_gradients,
+)
 from tl_tensorlens.methods.registry import (
     MethodInfo,
     RelevanceMethod,
@@ -52,6 +64,18 @@ def _register_builtins() -> None:
             family="tensor",
             class_specific=name == "tensor_in_class",
         )
+    gradients = {
+        "input_x_gradient": (input_x_gradient, "Input×Gradient of the real model, signed sum over d_model"),
+        "input_x_gradient_l2": (input_x_gradient_l2, "Input×Gradient of the real model, L2 norm over d_model"),
+        "integrated_gradients": (
+            make_integrated_gradients(),
+            "Integrated Gradients of the real model, zero baseline, 32 Gauss-Legendre nodes",
+        ),
+        "attnlrp": (attnlrp, "AttnLRP (Achtibat et al. 2024): lxt's rules on TL hooks"),
+        "cp_lrp": (cp_lrp, "CP-LRP (Ali et al. 2022): attention and norms as constants; equals In+Class"),
+    }
+    for name, (fn, description) in gradients.items():
+        register_method(name, fn, description=description, family="gradient", class_specific=True)
     register_method("random", random_method, description="random-ranking control", family="control")
 
 
@@ -62,11 +86,17 @@ __all__ = [
     "ALL_BASELINES",
     "ALTI",
     "BASELINES",
+    "GRADIENT_METHODS",
     "INTRA_LAYER",
     "TENSOR_METHODS",
     "MethodInfo",
     "RelevanceMethod",
+    "attnlrp",
+    "cp_lrp",
     "get_method",
+    "input_x_gradient",
+    "input_x_gradient_l2",
+    "integrated_gradients",
     "layer_maps",
     "layer_mean",
     "list_methods",
