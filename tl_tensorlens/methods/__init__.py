@@ -26,7 +26,12 @@ from tl_tensorlens.methods.attention import (
     rollout,
     row_normalize,
 )
-from tl_tensorlens.methods.collapses import TENSOR_METHODS, make_tensor_method
+from tl_tensorlens.methods.collapses import (
+    RANDOMIZED_NORM,
+    TENSOR_METHODS,
+    make_randomized_norm_method,
+    make_tensor_method,
+)
 from tl_tensorlens.methods.controls import random_method
 from tl_tensorlens.methods.gradients import (
     GRADIENT_METHODS,
@@ -64,6 +69,12 @@ def _register_builtins() -> None:
             family="tensor",
             class_specific=name == "tensor_in_class",
         )
+    register_method(
+        RANDOMIZED_NORM,
+        make_randomized_norm_method(16),
+        description="TensorLens Norm collapse, Hutchinson estimate with 16 probes per row",
+        family="tensor",
+    )
     gradients = {
         "input_x_gradient": (input_x_gradient, "Input×Gradient of the real model, signed sum over d_model"),
         "input_x_gradient_l2": (input_x_gradient_l2, "Input×Gradient of the real model, L2 norm over d_model"),
@@ -88,6 +99,7 @@ __all__ = [
     "BASELINES",
     "GRADIENT_METHODS",
     "INTRA_LAYER",
+    "RANDOMIZED_NORM",
     "TENSOR_METHODS",
     "MethodInfo",
     "RelevanceMethod",

@@ -19,6 +19,9 @@ from tl_tensorlens.errors import ArgumentError
 
 #: The tensor collapses, registered under the same signature as the baselines.
 TENSOR_METHODS: tuple[str, ...] = ("tensor_norm", "tensor_in_out", "tensor_in_class")
+#: The Hutchinson estimate of the Norm collapse (16 probes per row), for models where the exact one
+#: (d_out VJPs per row) is too costly.
+RANDOMIZED_NORM = "tensor_norm_randomized"
 _KINDS = {"tensor_norm": "norm", "tensor_in_out": "in_out", "tensor_in_class": "in_class"}
 
 
@@ -77,4 +80,31 @@ def make_tensor_method(name: str, *, output: OutputPoint | None = None) -> Any:
     return method
 
 
-__all__ = ["TENSOR_METHODS", "make_tensor_method", "readout_kwargs", "rows"]
+def make_randomized_norm_method(probes: int = 16, *, seed: int = 0, output: OutputPoint | None = None) -> Any:
+    """A registry method for :meth:`~tl_tensorlens.tensors.TensorLens.collapse_randomized_norm`: the
+    unbiased estimate of ``‖T[i, :, j, :]‖²_F`` from ``probes`` Rademacher VJPs per row, returned as its
+    square root (``RandomizedNorm.norm``). The probes are seeded, so a resumed run recomputes the same map."""
+
+    def method(
+        model: Any, state: Any, *, position: int | None = None, target: Any = None
+    ) -> Float[Tensor, "pos_out pos_in"]:
+        lens = _lens(model, state, output)
+        n = lens.n_pos
+        rows_ = list(range(n)) if position is None else [as_position("position", position, n)]
+        est = lens.collapse_randomized_norm(probes, positions=rows_, seed=seed).norm
+        full = torch.full((n, n), float("nan"), dtype=est.dtype, device=est.device)
+        full[rows_] = est
+        return full
+
+    method.__name__ = f"{RANDOMIZED_NORM}_{probes}"
+    return method
+
+
+__all__ = [
+    "RANDOMIZED_NORM",
+    "TENSOR_METHODS",
+    "make_randomized_norm_method",
+    "make_tensor_method",
+    "readout_kwargs",
+    "rows",
+]

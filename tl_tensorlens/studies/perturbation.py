@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from tl_tensorlens.errors import ArgumentError
 from tl_tensorlens.evaluation.perturbation import (
     ClassifierReadout,
     Example,
@@ -41,10 +42,14 @@ from tl_tensorlens.evaluation.perturbation import (
     run_perturbation,
     summarize,
 )
-from tl_tensorlens.methods import ALL_BASELINES, get_method
+from tl_tensorlens.methods import ALL_BASELINES, GRADIENT_METHODS, RANDOMIZED_NORM, get_method
 from tl_tensorlens.studies._common import fractions, nonnegative_int, positive_int, replace_block
 
-METHODS = [*ALL_BASELINES, "tensor_norm", "tensor_in_out", "tensor_in_class", "random"]
+#: Every method of the studies: the attention baselines, the tensor collapses, the gradient
+#: baselines (class-specific, like In+Class) and the random control.
+METHODS = [*ALL_BASELINES, "tensor_norm", "tensor_in_out", "tensor_in_class", *GRADIENT_METHODS, "random"]
+#: Real LLMs: the exact Norm map costs d_model (576) VJPs per row, so the Hutchinson estimate stands in.
+LLM_METHODS = [m if m != "tensor_norm" else RANDOMIZED_NORM for m in METHODS]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -54,7 +59,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     docs = None
     p = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").splitlines()[0])
     p.add_argument(
-        "--subjects", default="polarity,induction,wikitext", help="comma list: polarity, induction, wikitext"
+        "--subjects",
+        default="polarity,induction,wikitext",
+        help="comma list: polarity (MiniLM + frozen probe), polarity_ft (fine-tuned MiniLM), induction, wikitext, "
+        "smollm2 (real LLM on held-out WikiText-2)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of registry methods (default: every baseline, tensor and gradient method, random)",
+    )
+    p.add_argument("--n-ft", type=positive_int, default=500, help="held-out sentences for polarity_ft")
+    p.add_argument("--max-len", type=positive_int, default=128, help="token limit of the encoder sentences")
+    p.add_argument("--n-llm", type=positive_int, default=60, help="held-out WikiText-2 windows for smollm2")
+    p.add_argument(
+        "--llm-lengths", default="16,128", help="min,max window length (tokens) for smollm2, drawn uniformly"
+    )
+    p.add_argument(
+        "--n-norm-llm", type=nonnegative_int, default=0, help="smollm2 windows that also get the exact tensor_norm"
     )
     p.add_argument("--n-sentences", type=positive_int, default=500, help="held-out polarity sentences")
     p.add_argument(
@@ -154,6 +176,115 @@ def _polarity(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[d
     return rows, (
         f"MiniLM (all-MiniLM-L6-v2, HookedEncoder fp32) + {head_note}; {len(examples)} held-out "
         f"test sentences (seed-0 split), [MASK] replacement, [CLS]/[SEP] never masked"
+    )
+
+
+#: Integrated Gradients from the study's replacement token instead of the zero embedding (the real
+#: subjects): the path then runs from the input the perturbation test deletes toward, and on a
+#: pre-RMSNorm decoder the zero baseline is degenerate (RMSNorm(αx) is flat in α until α·rms(x) ~ eps,
+#: so 32 Gauss-Legendre nodes miss the jump: completeness off by up to 10x, measured on SmolLM2).
+IG_REF = "integrated_gradients_ref"
+
+
+def _methods(
+    args: argparse.Namespace, default: list[str], *, ig_baseline: int | None = None, keep: Any = ()
+) -> list[str]:
+    methods = list(default) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if ig_baseline is not None:
+        from tl_tensorlens.methods import register_method
+        from tl_tensorlens.methods.gradients import make_integrated_gradients
+
+        register_method(
+            IG_REF,
+            make_integrated_gradients(baseline_token=ig_baseline, keep_tokens=tuple(keep)),
+            description=f"Integrated Gradients from token {ig_baseline} (the replacement token), 32 nodes",
+            family="gradient",
+            class_specific=True,
+            overwrite=True,
+        )
+        methods = [IG_REF if m == "integrated_gradients" else m for m in methods]
+    return methods
+
+
+def _polarity_ft(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    from tl_tensorlens.subjects import load_polarity_data, load_subject
+
+    subject = load_subject("polarity_ft", backend="auto", build=True)
+    model, head = subject.model.eval(), subject.head
+    assert head is not None
+    tok = model.tokenizer
+    data = load_polarity_data()
+    sentences = data.test.sentences[: args.n_ft]
+    examples = [
+        Example(f"test{i}", torch.tensor(tok(s, truncation=True, max_length=args.max_len)["input_ids"]))
+        for i, s in enumerate(sentences)
+    ]
+    conf = PerturbationConfig(
+        mask_token_id=tok.mask_token_id,
+        special_token_ids=(tok.cls_token_id, tok.sep_token_id, tok.pad_token_id),
+        **conf_kw,
+    )
+    readout = ClassifierReadout(head.W.to(torch.float32), head.b.to(torch.float32), position=0)
+    path = Path(args.work_dir) / f"polarity_ft_{conf.key()}.jsonl"
+    specials = (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
+    methods = _methods(args, METHODS, ig_baseline=tok.mask_token_id, keep=specials)
+    rows = _run(model, examples, readout, conf, path, methods, len(examples), not args.no_progress, args.notes)
+    lengths = [int(e.tokens.shape[0]) for e in examples]
+    return rows, (
+        f"MiniLM fine-tuned end to end on sentence polarity with a linear head on [CLS] (subject polarity_ft, "
+        f"held-out test accuracy {subject.metrics.get('test_acc', float('nan')):.3f}); {len(examples)} held-out test "
+        f"sentences (seed-0 split, the probe's split), {min(lengths)}-{max(lengths)} tokens (limit {args.max_len}), "
+        "[MASK] replacement, [CLS]/[SEP] never masked; Integrated Gradients from the [MASK] embedding "
+        f"({IG_REF}, [CLS]/[SEP] kept)"
+    )
+
+
+def _smollm2(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    from tl_tensorlens._paths import data_dir
+    from tl_tensorlens.subjects import load_subject
+    from tl_tensorlens.subjects.llm import llm_tokenizer
+    from tl_tensorlens.subjects.wikitext import split_articles
+
+    subject = load_subject("smollm2", backend="auto", dtype=torch.float32)
+    model = subject.model.eval()
+    tok = llm_tokenizer("smollm2")
+    lo, hi = (int(v) for v in args.llm_lengths.split(","))
+    text = (data_dir() / "text" / "wikitext-2-raw-test.txt").read_text(encoding="utf-8")
+    # The same held-out articles as the wikitext subject (every 10th article of the test split).
+    articles = [" ".join(a).strip() for a in split_articles(text).heldout_articles]
+    gen = torch.Generator().manual_seed(0)
+    examples: list[Example] = []
+    # Cut every held-out article into consecutive 128-token blocks, then take a random block (without
+    # replacement) and a random window length in [lo, hi] from its start: windows never overlap.
+    blocks: list[list[int]] = []
+    for article in articles:
+        ids = tok(article)["input_ids"]
+        blocks += [ids[s : s + hi] for s in range(0, len(ids) - hi + 1, hi)]
+    order = torch.randperm(len(blocks), generator=gen).tolist()
+    for i in order[: args.n_llm]:
+        n = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        examples.append(Example(f"sm{len(examples)}", torch.tensor(blocks[i][:n])))
+    if len(examples) < args.n_llm:
+        raise ArgumentError(
+            "--n-llm", args.n_llm, f"at most {len(blocks)} windows of {hi} tokens in the held-out articles"
+        )
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    conf = PerturbationConfig(mask_token_id=int(pad), special_token_ids=(), **conf_kw)
+    path = Path(args.work_dir) / f"smollm2_{conf.key()}.jsonl"
+    methods = _methods(args, LLM_METHODS, ig_baseline=int(pad))
+    if args.n_norm_llm and "tensor_norm" not in methods:
+        methods = [*methods, "tensor_norm"]
+    rows = _run(
+        model, examples, NextTokenReadout(), conf, path, methods, args.n_norm_llm, not args.no_progress, args.notes
+    )
+    lengths = [int(e.tokens.shape[0]) for e in examples]
+    return rows, (
+        f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized, TransformerBridge/HookedTransformer float32), {len(examples)} "
+        f"windows of held-out WikiText-2 raw test articles, {min(lengths)}-{max(lengths)} tokens (uniform in {lo}-{hi}), "
+        f"no BOS (the model's own tokenizer); the model's own next-token prediction at the last position; masked "
+        f"tokens replaced by {tok.convert_ids_to_tokens(int(pad))!r} (id {pad}). The Norm map is the Hutchinson "
+        f"estimate with 16 probes ({RANDOMIZED_NORM}); the exact one costs 576 VJPs per row. Integrated Gradients "
+        f"runs from the replacement token's embedding ({IG_REF}; the zero baseline is degenerate under RMSNorm)"
     )
 
 
@@ -294,6 +425,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         elif subject == "wikitext":
             rows, desc = _wikitext(args, conf_kw)
             sections.append(_section("wikitext", desc, rows, args, docs_dir))
+        elif subject == "polarity_ft":
+            rows, desc = _polarity_ft(args, conf_kw)
+            sections.append(_section("minilm_polarity_ft", desc, rows, args, docs_dir))
+        elif subject == "smollm2":
+            rows, desc = _smollm2(args, conf_kw)
+            sections.append(_section("smollm2_wikitext", desc, rows, args, docs_dir))
         else:
             print(f"unknown subject {subject!r}", file=sys.stderr)
             return 2
