@@ -203,6 +203,9 @@ class Engine:
     progress: bool | None = None
     _causal: bool | None = field(default=None, repr=False)
     _d_out: int | None = field(default=None, repr=False)
+    #: The largest peak a :meth:`plan` has admitted so far (bytes: result + kept graph + one chunk);
+    #: ``benchmarks/bench_memory.py`` compares it with the measured peak RSS. Reset it to 0 to measure one call.
+    planned_peak: int = field(default=0, repr=False)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -249,9 +252,8 @@ class Engine:
         return self.state
 
     # ------------------------------------------------------------------ memory model
-    def item_bytes(self, n: int) -> int:
-        """Activation memory of one replay item of length ``n``: the forward with its graph (or the
-        primal and tangent of a forward-mode pass)."""
+    def _layer_elements(self, n: int) -> tuple[int, int, int]:
+        """(elements of one block's activations, number of blocks, elements of the head) at length ``n``."""
         cfg = self.model.cfg
         d = self.d_in
         d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d)
@@ -260,15 +262,31 @@ class Engine:
         per_layer = n * (16 * d + 4 * d_mlp) + 4 * h * n * n
         d_vocab = int(getattr(cfg, "d_vocab", 0) or 0)
         head = n * (3 * d_vocab if self.spec.output == "logits" else 4 * d)
+        return per_layer, layers, head
+
+    def item_bytes(self, n: int) -> int:
+        """Activation memory of one replay item of length ``n`` kept for a backward: the forward with
+        its graph (every block's saved activations)."""
+        per_layer, layers, head = self._layer_elements(n)
         return self.element_size * (layers * per_layer + head)
 
+    def step_bytes(self, n: int) -> int:
+        """Working memory of one cotangent (tangent) during a backward (forward-mode) pass: the pass
+        frees each block's buffers as it moves on, so about one block's activations are alive at once,
+        not all of them (calibrated against measured peak RSS: ``benchmarks/bench_memory.py``)."""
+        per_layer, _, head = self._layer_elements(n)
+        return self.element_size * (per_layer + head)
+
     def plan(self, total: int, *, n: int, per_item: int, reserved: int, what: str, cheaper: str, base: int = 0) -> int:
-        """Chunk size for ``total`` items of ``per_item`` bytes each, next to ``reserved`` bytes (the
-        result) and ``base`` bytes (a kept forward graph); refuses when not even one item fits."""
-        per = self.item_bytes(n) + per_item
+        """Chunk size for ``total`` items of ``per_item`` bytes each (plus :meth:`step_bytes` of working
+        memory each), next to ``reserved`` bytes (the result) and ``base`` bytes (a kept forward graph);
+        refuses when not even one item fits."""
+        per = self.step_bytes(n) + per_item
         fixed = reserved + base
         check_budget(fixed + per * min(total, 1), self.memory_budget, what, cheaper)
-        return max(1, min(total, (self.memory_budget - fixed) // max(per, 1)))
+        chunk = max(1, min(total, (self.memory_budget - fixed) // max(per, 1)))
+        self.planned_peak = max(self.planned_peak, fixed + per * chunk)
+        return chunk
 
     # ------------------------------------------------------------------ reverse mode
     def row_chunks(
@@ -302,7 +320,7 @@ class Engine:
         chunk = self.plan(
             k, n=n, per_item=per_item, reserved=reserved, base=self.item_bytes(n), what=what, cheaper=cheaper
         )
-        pull = Pullback(self.fn(state), state.resid_pre(self.spec.start), chunk_bytes=self.item_bytes(n) + per_item)
+        pull = Pullback(self.fn(state), state.resid_pre(self.spec.start), chunk_bytes=self.step_bytes(n) + per_item)
         for s in range(0, k, chunk):
             e = min(k, s + chunk)
             c = cotangent(s, e)
@@ -319,7 +337,7 @@ class Engine:
         chunk = self.plan(
             k, n=self.n, per_item=per_item, reserved=reserved, base=self.item_bytes(self.n), what=what, cheaper=cheaper
         )
-        pull = Pullback(self.fn(self.state), self.x, chunk_bytes=self.item_bytes(self.n) + per_item)
+        pull = Pullback(self.fn(self.state), self.x, chunk_bytes=self.step_bytes(self.n) + per_item)
         for s in range(0, k, chunk):
             e = min(k, s + chunk)
             yield s, e, pull(cotangent(s, e))
