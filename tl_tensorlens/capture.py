@@ -243,7 +243,9 @@ class FrozenState:
     """Everything one forward pass froze, for one prompt (batch 1).
 
     Attributes:
-        tokens: the prompt, ``[1, pos]``.
+        tokens: the prompt, ``[1, pos]`` (``[B, pos]`` only inside :func:`capture_batch` and
+            :func:`~tl_tensorlens.evaluation.attribution.stack_states`, whose batched replay broadcasts
+            nothing: every frozen value has batch ``B`` too).
         activations: the full TransformerLens activation cache of that forward (batch dim 1 kept).
         frozen: hook name -> value the replay substitutes there (patterns, norm scales, MLP gates or
             ratios, SoLU softmax); batch dim 1, broadcast over any replay batch.
@@ -262,7 +264,7 @@ class FrozenState:
             (:meth:`check_model`); None for a state assembled by hand.
     """
 
-    tokens: Int[Tensor, "1 pos"]
+    tokens: Int[Tensor, "batch pos"]
     activations: dict[str, Tensor]
     frozen: dict[str, Tensor]
     mlp_kind: dict[int, MlpKind]

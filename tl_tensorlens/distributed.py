@@ -40,6 +40,12 @@ def _dist() -> Any:
     return dist
 
 
+def is_initialized() -> bool:
+    """True inside an initialized process group (of any size)."""
+    dist = _dist()
+    return bool(dist.is_available() and dist.is_initialized())
+
+
 def is_active() -> bool:
     """True inside an initialized process group of more than one rank."""
     dist = _dist()
@@ -259,6 +265,7 @@ __all__ = [
     "collapse_randomized_norm",
     "init_from_env",
     "is_active",
+    "is_initialized",
     "local_device",
     "rank_world",
     "shutdown",

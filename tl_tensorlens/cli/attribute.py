@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_file():
         raise CliError(f"--out {args.out!r} exists and is not a file")
     prompts = read_prompts(args.prompts)
+    own_group = not distributed.is_initialized()  # a caller's process group is left to the caller
     rank, world = distributed.init_from_env(args.device)
     device = distributed.local_device(args.device)
     model, label, head = load_model_and_head(args.model, backend=args.backend, dtype=args.dtype, device=device)
@@ -184,5 +185,6 @@ def run(args: argparse.Namespace) -> int:
             f"{n_new} new rows here, {len(ResultStore(out, KEY_FIELDS))} rows in {out}"
         )
     distributed.barrier()
-    distributed.shutdown()
+    if own_group:
+        distributed.shutdown()
     return 0

@@ -286,13 +286,13 @@ def attribute(
     Example:
         >>> from tl_tensorlens.subjects import load_subject
         >>> model = load_subject("induction", backend="bridge").model
-        >>> prompts = ["<bos> t1 t2 t3 t1 t2", "<bos> t5 t6 t7 t5 t6"]
-        >>> out = list(attribute(model, prompts, ["tensor_in_out", "attn_rollout"]))
+        >>> prompts = ["<bos> t83 t94 t12 t83 t94", "<bos> t43 t80 t27 t43 t80"]
+        >>> out = list(attribute(model, prompts, ["tensor_in_class", "attn_rollout"]))
         >>> [(a.index, a.method, tuple(a.map.shape)) for a in out]  # doctest: +NORMALIZE_WHITESPACE
-        [(0, 'tensor_in_out', (6, 6)), (0, 'attn_rollout', (6, 6)),
-         (1, 'tensor_in_out', (6, 6)), (1, 'attn_rollout', (6, 6))]
-        >>> out[0].target_label  # the predicted next token at the last position
-        't3'
+        [(0, 'tensor_in_class', (6, 6)), (0, 'attn_rollout', (6, 6)),
+         (1, 'tensor_in_class', (6, 6)), (1, 'attn_rollout', (6, 6))]
+        >>> out[0].target_label, out[2].target_label  # the predicted next tokens (induction)
+        ('t12', 't27')
     """
     from tl_tensorlens.capture import capture, capture_batch
     from tl_tensorlens.engine import progress_bar
