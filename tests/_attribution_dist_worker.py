@@ -15,7 +15,9 @@ def lens_of(state=None):
     from tl_tensorlens.tensors import TensorLens
 
     model = load_subject("induction", backend="bridge", dtype=torch.float64).model
-    return model, (None if state is None else TensorLens.from_state(model, state, output="ln_final", memory_budget=BUDGET))
+    return model, (
+        None if state is None else TensorLens.from_state(model, state, output="ln_final", memory_budget=BUDGET)
+    )
 
 
 def one_prompt(dist_mod=None):
@@ -25,9 +27,16 @@ def one_prompt(dist_mod=None):
 
     model, _ = lens_of()
     if dist_mod is None:
-        lens = TensorLens.from_state(model, capture(model, model.to_tokens(PROMPT, prepend_bos=False)), output="ln_final", memory_budget=BUDGET)
+        lens = TensorLens.from_state(
+            model, capture(model, model.to_tokens(PROMPT, prepend_bos=False)), output="ln_final", memory_budget=BUDGET
+        )
         r = lens.collapse_randomized_norm(8, seed=3)
-        return {"norm": lens.collapse("norm"), "rand_sq": r.squared, "rand_se": r.squared_stderr, "slice": lens.slice(6)}
+        return {
+            "norm": lens.collapse("norm"),
+            "rand_sq": r.squared,
+            "rand_se": r.squared_stderr,
+            "slice": lens.slice(6),
+        }
     rank, world = dist_mod.rank_world()
     state = capture(model, model.to_tokens(PROMPT, prepend_bos=False)) if rank == 0 else None
     state = dist_mod.broadcast_state(model, state)
@@ -55,8 +64,24 @@ if __name__ == "__main__":
 
     prompts, out = sys.argv[1], Path(sys.argv[2])
     distributed.init_from_env()
-    code = main(["attribute", "--model", "induction", "--prompts", prompts, "--out", str(out / "two.jsonl"),
-                 "--methods", "tensor_in_out,tensor_in_class", "--dtype", "float64", "--batch-size", "2", "--no-progress"])
+    code = main(
+        [
+            "attribute",
+            "--model",
+            "induction",
+            "--prompts",
+            prompts,
+            "--out",
+            str(out / "two.jsonl"),
+            "--methods",
+            "tensor_in_out,tensor_in_class",
+            "--dtype",
+            "float64",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     res = one_prompt(distributed)
     if distributed.rank_world()[0] == 0:

@@ -85,7 +85,8 @@ def test_results_are_labelled_and_immutable():
     assert [a.index for a in out] == [0, 1]
     a = out[0]
     assert isinstance(a, Attribution) and a.method == "tensor_in_class" and a.position == 3
-    assert a.target == int(capture(model, torch.tensor(PROMPTS[0])).logits[0, 3].argmax())
+    logits = capture(model, torch.tensor(PROMPTS[0])).logits
+    assert logits is not None and a.target == int(logits[0, 3].argmax())
     assert len(a.tokens) == len(PROMPTS[0]) and a.text == " ".join(map(str, PROMPTS[0]))
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.method = "x"  # type: ignore[misc]
@@ -97,7 +98,10 @@ def test_skip_and_shard_partition_the_work():
     model = bridge_model("gpt2")
     assert plan_batches([7, 7, 5, 7, 5], 2) == [[0, 1], [2, 4], [3]]
     every = {(a.index, a.method) for a in attribute(model, PROMPTS, ["attn_rollout"], batch_size=2)}
-    parts = [{(a.index, a.method) for a in attribute(model, PROMPTS, ["attn_rollout"], batch_size=2, shard=(r, 2))} for r in range(2)]
+    parts = [
+        {(a.index, a.method) for a in attribute(model, PROMPTS, ["attn_rollout"], batch_size=2, shard=(r, 2))}
+        for r in range(2)
+    ]
     assert parts[0] | parts[1] == every and not parts[0] & parts[1]
     rest = {a.index for a in attribute(model, PROMPTS, ["attn_rollout"], skip=lambda i, m: i < 3)}
     assert rest == {3, 4}
@@ -154,7 +158,19 @@ def test_cli_attribute_resumes_and_repairs_a_torn_tail(tmp_path, capsys):
 def test_cli_attribute_help_and_errors(tmp_path, capsys):
     assert main(["attribute", "--help"]) == 0
     text = capsys.readouterr().out
-    for flag in ("--model", "--prompts", "--methods", "--out", "--position", "--device", "--dtype", "--batch-size", "torchrun", "bfloat16", "text"):
+    for flag in (
+        "--model",
+        "--prompts",
+        "--methods",
+        "--out",
+        "--position",
+        "--device",
+        "--dtype",
+        "--batch-size",
+        "torchrun",
+        "bfloat16",
+        "text",
+    ):
         assert flag in text, flag
     p = tmp_path / "p.txt"
     p.write_text("<bos> t83 t94\n")

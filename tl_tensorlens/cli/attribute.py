@@ -72,7 +72,9 @@ def add_parser(sub: Any) -> None:
         help="output position whose predicted token class-specific methods explain (default: last; decoders)",
     )
     a.add_argument("--batch-size", type=int, default=8, help="equal-length prompts per batched replay (default 8)")
-    a.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (under torchrun: cuda:LOCAL_RANK)")
+    a.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (under torchrun: cuda:LOCAL_RANK)"
+    )
     a.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32)")
     a.add_argument("--backend", default="auto", choices=["auto", "hooked", "bridge"])
     a.add_argument("--no-progress", action="store_true", help="no progress bar")

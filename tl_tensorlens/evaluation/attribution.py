@@ -210,7 +210,9 @@ def batched_collapse(
     y = pull.y[0].detach()  # [B, n, d_out]: F(x), what In+Out reads
     d_out = int(y.shape[-1])
     need = x.element_size() * n * b * n * (d_out + 2 * d)
-    check_budget(need, budget, f"a batched collapse of {b} prompts of {n} tokens ({format_bytes(need)})", "a smaller batch_size")
+    check_budget(
+        need, budget, f"a batched collapse of {b} prompts of {n} tokens ({format_bytes(need)})", "a smaller batch_size"
+    )
     if kind == "in_out":
         u = y
     else:
@@ -348,7 +350,9 @@ def attribute(
             dirs = None
             if m == "tensor_in_class":
                 dirs = [_direction(model, info[i][3]) for i in want]
-            for i, mp in zip(want, batched_collapse(model, [states[i] for i in want], _KIND[m], directions=dirs), strict=True):
+            for i, mp in zip(
+                want, batched_collapse(model, [states[i] for i in want], _KIND[m], directions=dirs), strict=True
+            ):
                 batched[(i, m)] = mp
         for i in batch:
             pos, target, label, arg = info[i]
