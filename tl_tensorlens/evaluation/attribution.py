@@ -288,13 +288,14 @@ def attribute(
     Example:
         >>> from tl_tensorlens.subjects import load_subject
         >>> model = load_subject("induction", backend="bridge").model
-        >>> prompts = ["<bos> t83 t94 t12 t83 t94", "<bos> t43 t80 t27 t43 t80"]
+        >>> prompts = ["<bos> t83 t94 t12 t35 t43 t80 t27 t83 t94 t12 t35 t43 t80",  # <bos> A A[:-1]
+        ...            "<bos> t11 t22 t33 t11 t22"]
         >>> out = list(attribute(model, prompts, ["tensor_in_class", "attn_rollout"]))
         >>> [(a.index, a.method, tuple(a.map.shape)) for a in out]  # doctest: +NORMALIZE_WHITESPACE
-        [(0, 'tensor_in_class', (6, 6)), (0, 'attn_rollout', (6, 6)),
+        [(0, 'tensor_in_class', (14, 14)), (0, 'attn_rollout', (14, 14)),
          (1, 'tensor_in_class', (6, 6)), (1, 'attn_rollout', (6, 6))]
-        >>> out[0].target_label, out[2].target_label  # the predicted next tokens (induction)
-        ('t12', 't27')
+        >>> out[0].target_label, out[0].position  # the induction answer, predicted at the last position
+        ('t27', 13)
     """
     from tl_tensorlens.capture import capture, capture_batch
     from tl_tensorlens.engine import progress_bar
