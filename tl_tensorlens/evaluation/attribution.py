@@ -122,6 +122,9 @@ def tokenize(model: Any, prompt: Any) -> Tensor:
         tok = getattr(model, "tokenizer", None)
         if tok is None:
             raise ArgumentError("prompts", prompt, "token ids: this model has no tokenizer")
+        if is_encoder(model):
+            # the tokenizer adds [CLS] ... [SEP] (HookedEncoder.to_tokens returns a tuple)
+            return as_prompt_tokens(torch.tensor(tok.encode(prompt)), model)[0]
         bos = getattr(tok, "bos_token", None)
         prepend = bool(bos) and not prompt.lstrip().startswith(bos)
         ids = model.to_tokens(prompt, prepend_bos=prepend, truncate=False)
