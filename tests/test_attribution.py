@@ -15,7 +15,7 @@ from tests.models import HAS_HOOKED, bridge_model
 from tl_tensorlens.capture import capture, capture_batch
 from tl_tensorlens.cli import main
 from tl_tensorlens.errors import ArgumentError
-from tl_tensorlens.evaluation.attribution import Attribution, attribute, batched_collapse, plan_batches
+from tl_tensorlens.evaluation.attribution import Attribution, Readout, attribute, batched_collapse, plan_batches
 from tl_tensorlens.methods import get_method
 from tl_tensorlens.tensors import TensorLens
 
@@ -130,6 +130,27 @@ def test_class_methods_on_an_encoder_need_a_head():
         model = bridge_model("bert")
     with pytest.raises(ArgumentError, match="tensor_in_class.*head"):
         list(attribute(model, [[0, 5, 6, 1]], ["tensor_in_class"]))
+
+
+def test_encoder_class_map_explains_the_heads_prediction():
+    model = bridge_model("bert")
+    gen = torch.Generator().manual_seed(0)
+    head = Readout(torch.randn(32, 3, generator=gen, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    prompts = [[0, 5, 6, 7, 1], [0, 9, 8, 7, 1], [0, 11, 12, 1]]
+    methods = ["tensor_in_class", "tensor_in_out"]
+    loop = {(a.index, a.method): a for a in attribute(model, prompts, methods, head=head, batch_size=1)}
+    batched = {(a.index, a.method): a for a in attribute(model, prompts, methods, head=head, batch_size=3)}
+    for (i, m), a in loop.items():
+        torch.testing.assert_close(batched[(i, m)].map, a.map, rtol=1e-10, atol=1e-10)
+        assert a.position == 0
+    state = capture(model, torch.tensor(prompts[1]))
+    lens = TensorLens.from_state(model, state, output="resid_post")
+    c = int((lens.output[0] @ head.W + head.b).argmax())
+    a = loop[(1, "tensor_in_class")]
+    assert a.target == c and a.target_label == f"class {c}"
+    # In+Class rows plus the bias term give the head's logit (Eq. 24), here for the [CLS] row
+    logit = a.map[0].sum() + lens.collapse_bias("in_class", direction=head.W[:, c])[0] + head.b[c]
+    torch.testing.assert_close(logit, (lens.output[0] @ head.W + head.b)[c])
 
 
 def _rows(path):
