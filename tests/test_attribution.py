@@ -235,3 +235,20 @@ def test_two_gloo_ranks_are_bit_identical_to_one_process(tmp_path):
     assert got["slice_chunks"] > 1 and got["contributed"] == [True, True]
     for name, value in ref.items():
         assert torch.equal(got[name], value), name
+
+
+def test_bench_attribute_tiny_runs(tmp_path, capsys):
+    """benchmarks/bench_attribute.py runs end to end (one subject, no ranks: seconds)."""
+    import importlib.util
+
+    script = ROOT / "benchmarks" / "bench_attribute.py"
+    spec = importlib.util.spec_from_file_location("bench_attribute", script)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    assert bench.main(["--subjects", "induction", "--size", "tiny", "--ranks", "0", "--out", str(out)]) == 0
+    assert "| induction | tensor_in_out |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["results"]
+    assert [r["map"] for r in rows] == ["tensor_in_out", "tensor_in_class"]
+    assert all(r["loop_prompts_per_s"] > 0 and r["batched_prompts_per_s"] > 0 for r in rows)
