@@ -101,7 +101,9 @@ def ranks_seconds(subject: str, method: str, size: str, k: int) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--subjects", default="induction,polarity", help="comma list of subjects (default induction,polarity)")
+    p.add_argument(
+        "--subjects", default="induction,polarity", help="comma list of subjects (default induction,polarity)"
+    )
     p.add_argument("--size", default="small", choices=sorted(SIZES))
     p.add_argument("--ranks", type=int, default=2, help="processes of the sharded measurement (0: skip it)")
     p.add_argument("--out", default=None, help="JSON results file")

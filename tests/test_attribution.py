@@ -163,7 +163,7 @@ def test_cli_attribute_resumes_and_repairs_a_torn_tail(tmp_path, capsys):
     out = tmp_path / "o.jsonl"
     argv = ["attribute", "--model", "induction", "--prompts", str(prompts), "--methods", "tensor_in_out,attn_rollout"]
     argv += ["--out", str(out), "--dtype", "float64", "--no-progress"]
-    assert main(argv) == 0
+    assert main([*argv, "--verify"]) == 0
     first = out.read_bytes()
     rows = _rows(out)
     assert len(rows) == 6 and rows[(0, "tensor_in_out")]["tokens"][1] == "t83"
@@ -188,6 +188,7 @@ def test_cli_attribute_help_and_errors(tmp_path, capsys):
         "--device",
         "--dtype",
         "--batch-size",
+        "--verify",
         "torchrun",
         "bfloat16",
         "text",

@@ -77,6 +77,11 @@ def add_parser(sub: Any) -> None:
     )
     a.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32)")
     a.add_argument("--backend", default="auto", choices=["auto", "hooked", "bridge"])
+    a.add_argument(
+        "--verify",
+        action="store_true",
+        help="check on every prompt that the frozen replay reproduces the model (a failure exits 2)",
+    )
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -168,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         skip=skip,
         shard=(rank, world),
+        verify=args.verify,
         progress=False if args.no_progress or rank else None,
     ):
         mine.append([{**keyed(res.index, res.method), **res.to_row()}])

@@ -261,6 +261,7 @@ def attribute(
     batch_size: int = 8,
     skip: Callable[[int, str], bool] | None = None,
     shard: tuple[int, int] | None = None,
+    verify: bool = False,
     progress: bool | None = None,
 ) -> Iterator[Attribution]:
     """Yield the maps of ``methods`` for every prompt, labelled (see :class:`Attribution`).
@@ -279,6 +280,9 @@ def attribute(
         skip: ``(index, method) -> True`` for results already stored (they are neither computed nor
             yielded; a prompt whose every method is skipped is not even captured).
         shard: ``(rank, world)``: only the batches ``b`` with ``b % world == rank``.
+        verify: check on every prompt that the frozen replay reproduces the model and is affine at the
+            methods' output (:func:`~tl_tensorlens.replay.verify_replay`: one batched replay of 5
+            inputs per prompt; raises :class:`~tl_tensorlens.errors.VerificationError`).
         progress: a tqdm bar over prompts (None: shown for 32 prompts or more).
 
     Yields:
@@ -341,6 +345,11 @@ def attribute(
             states = dict(zip(batch, capture_batch(model, torch.stack([ids[i] for i in batch])), strict=True))
         else:
             states = {i: capture(model, ids[i][None]) for i in batch}
+        if verify:
+            from tl_tensorlens.replay import verify_replay
+
+            for i in batch:
+                verify_replay(model, states[i], outputs=(default_output(model),))
         info = {}
         for i in batch:
             n = int(ids[i].shape[0])
