@@ -12,7 +12,7 @@ The pipeline, one module (or folder) per stage:
 """
 
 from tl_tensorlens._deprecation import install_module_aliases
-from tl_tensorlens.capture import FrozenState, capture, check_supported, model_fingerprint
+from tl_tensorlens.capture import FrozenState, capture, capture_batch, check_supported, model_fingerprint
 from tl_tensorlens.engine import default_memory_budget
 from tl_tensorlens.errors import (
     ArgumentError,
@@ -24,6 +24,7 @@ from tl_tensorlens.errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from tl_tensorlens.evaluation.attribution import Attribution, attribute
 from tl_tensorlens.evaluation.bound import ApproximationReport, approximation_error
 from tl_tensorlens.replay import ReplayCheck, ReplaySpec, frozen_hooks, linearized, live, replay, verify_replay
 from tl_tensorlens.tensors import HeadTensor, RandomizedNorm, TensorLens
@@ -52,6 +53,7 @@ install_module_aliases(
 __all__ = [
     "ApproximationReport",
     "ArgumentError",
+    "Attribution",
     "CaptureError",
     "FrozenState",
     "HeadTensor",
@@ -67,7 +69,9 @@ __all__ = [
     "VerificationError",
     "__version__",
     "approximation_error",
+    "attribute",
     "capture",
+    "capture_batch",
     "check_supported",
     "default_memory_budget",
     "frozen_hooks",

@@ -243,7 +243,9 @@ class FrozenState:
     """Everything one forward pass froze, for one prompt (batch 1).
 
     Attributes:
-        tokens: the prompt, ``[1, pos]``.
+        tokens: the prompt, ``[1, pos]`` (``[B, pos]`` only inside :func:`capture_batch` and
+            :func:`~tl_tensorlens.evaluation.attribution.stack_states`, whose batched replay broadcasts
+            nothing: every frozen value has batch ``B`` too).
         activations: the full TransformerLens activation cache of that forward (batch dim 1 kept).
         frozen: hook name -> value the replay substitutes there (patterns, norm scales, MLP gates or
             ratios, SoLU softmax); batch dim 1, broadcast over any replay batch.
@@ -262,7 +264,7 @@ class FrozenState:
             (:meth:`check_model`); None for a state assembled by hand.
     """
 
-    tokens: Int[Tensor, "1 pos"]
+    tokens: Int[Tensor, "batch pos"]
     activations: dict[str, Tensor]
     frozen: dict[str, Tensor]
     mlp_kind: dict[int, MlpKind]
@@ -526,7 +528,54 @@ def capture(model: Any, tokens: Any) -> FrozenState:
         return _capture(model, tokens)
 
 
-def _capture(model: Any, tokens: Any) -> FrozenState:
+def capture_batch(model: Any, tokens: Any) -> list[FrozenState]:
+    """:func:`capture` of ``B`` prompts of equal length in ONE forward: ``tokens [B, pos]`` -> ``B``
+    captures (each equals ``capture(model, tokens[b])`` up to rounding: the forward is batched).
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
+        ...     d_vocab=11, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
+        >>> [s.n_pos for s in capture_batch(HookedTransformer(cfg), torch.tensor([[1, 2, 3], [4, 5, 6]]))]
+        [3, 3]
+    """
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[0] < 1:
+        raise ArgumentError("tokens", tokens, "an integer tensor [batch, pos] of equal-length prompts")
+    rows = torch.cat([as_prompt_tokens(t, model) for t in tokens])
+    with torch.inference_mode(False):
+        return split_state(_capture(model, rows, batched=True))
+
+
+def split_state(state: FrozenState) -> list[FrozenState]:
+    """The per-prompt captures of a capture of a batch (every batched tensor sliced ``[b : b + 1]``)."""
+
+    n_batch = int(state.tokens.shape[0])
+
+    def cut(b: int, v: Tensor | None) -> Any:
+        return None if v is None else v[b : b + 1]
+
+    return [
+        FrozenState(
+            tokens=state.tokens[b : b + 1],
+            # (a cache entry flattened over batch*pos, e.g. a q/k-norm scale, is not kept)
+            activations={k: v[b : b + 1] for k, v in state.activations.items() if v.shape[:1] == (n_batch,)},
+            frozen={k: v[b : b + 1] for k, v in state.frozen.items()},
+            mlp_kind=state.mlp_kind,
+            rebuild_z=state.rebuild_z,
+            backend=state.backend,
+            n_layers=state.n_layers,
+            logit_ratio=cut(b, state.logit_ratio),
+            head_act_ratio={k: v[b : b + 1] for k, v in state.head_act_ratio.items()},
+            unsupported_outputs=state.unsupported_outputs,
+            logits=cut(b, state.logits),
+            signature=state.signature,
+        )
+        for b in range(n_batch)
+    ]
+
+
+def _capture(model: Any, tokens: Any, batched: bool = False) -> FrozenState:
     backend = model_kind(model)
     check_supported(model)
     if _hooks.frozen_replay_active(model):
@@ -534,7 +583,8 @@ def _capture(model: Any, tokens: Any) -> FrozenState:
             "capture() was called while a frozen replay (e.g. a linearized(...) block) has its hooks on this "
             "model: the capture would record the frozen values, not the model's; capture outside the block"
         )
-    tokens = as_prompt_tokens(tokens, model)
+    if not batched:
+        tokens = as_prompt_tokens(tokens, model)
     n_layers = int(model.cfg.n_layers)
     signature = model_signature(model)
     with _hooks.model_lock(model), torch.no_grad():
@@ -645,7 +695,9 @@ __all__ = [
     "activation_ratio",
     "as_prompt_tokens",
     "capture",
+    "capture_batch",
     "check_supported",
     "model_fingerprint",
     "model_signature",
+    "split_state",
 ]

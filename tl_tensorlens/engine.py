@@ -298,6 +298,7 @@ class Engine:
         reserved: int,
         what: str,
         cheaper: str,
+        select: Callable[[int], bool] | None = None,
     ) -> Iterator[tuple[int, int, Tensor]]:
         """``Tᵀ g`` for ``k`` cotangents living on output position ``i``, in chunks.
 
@@ -308,6 +309,8 @@ class Engine:
                 demand (so ``[k, d_out]`` is never allocated at once).
             reserved: bytes of the caller's result, counted against the budget.
             what, cheaper: for the refusal message.
+            select: ``chunk index -> bool``: compute only the chosen chunks (the chunks themselves do
+                not change, so a chunk has the same bits whichever process computes it).
 
         Yields:
             ``(start, stop, adj)`` with ``adj [stop - start, n_i, d_in]``, ``n_i = i + 1`` for causal
@@ -321,7 +324,9 @@ class Engine:
             k, n=n, per_item=per_item, reserved=reserved, base=self.item_bytes(n), what=what, cheaper=cheaper
         )
         pull = Pullback(self.fn(state), state.resid_pre(self.spec.start), chunk_bytes=self.step_bytes(n) + per_item)
-        for s in range(0, k, chunk):
+        for index, s in enumerate(range(0, k, chunk)):
+            if select is not None and not select(index):
+                continue
             e = min(k, s + chunk)
             c = cotangent(s, e)
             g = torch.zeros(e - s, n, self.d_out, dtype=pull.y.dtype, device=pull.y.device)

@@ -416,13 +416,19 @@ class TensorLens:
     # ------------------------------------------------------------------ tensors
     def slice(self, pos_out: int) -> Float[Tensor, "d_out pos_in d_in"]:
         """``T[pos_out]``: one VJP per output channel (batched)."""
+        return self._slice(pos_out)
+
+    def _slice(self, pos_out: int, select: Any = None) -> Tensor:
+        """:meth:`slice` with only the engine's cotangent chunks ``select`` picks filled (zeros elsewhere)."""
         i = as_position("pos_out", pos_out, self.n_pos)
         reserved = self._bytes(self.d_out, self.n_pos, self.d_in)
         what = f"slice({pos_out}) [{self.d_out}, {self.n_pos}, {self.d_in}]"
         cheaper = "collapse(..., positions=[i]), collapse_randomized_norm(k), or output='ln_final' instead of 'logits'"
         check_budget(reserved, self.memory_budget, what, cheaper)
         out = torch.zeros(self.d_out, self.n_pos, self.d_in, dtype=self.input.dtype, device=self.input.device)
-        chunks = self.engine.row_chunks(i, self.d_out, self._eye_rows, reserved=reserved, what=what, cheaper=cheaper)
+        chunks = self.engine.row_chunks(
+            i, self.d_out, self._eye_rows, reserved=reserved, what=what, cheaper=cheaper, select=select
+        )
         for s, e, adj in chunks:
             out[s:e, : adj.shape[1]] = adj.to(out)
         return out
@@ -529,6 +535,45 @@ class TensorLens:
             raise ArgumentError("direction", tuple(u.shape), f"a readout [d_out={self.d_out}] or [pos_out={n}, d_out]")
         return u
 
+    def _norm_row(self, i: int, n_rows: int) -> Tensor:
+        """Row ``i`` of the Norm collapse (float64), streamed chunk by chunk: the slice itself is never
+        allocated. ``n_rows`` (rows of the whole request) sizes the reserved result, so a row is
+        computed with the same chunks whichever process computes it (:mod:`tl_tensorlens.distributed`)."""
+        n = self.n_pos
+        what = f"collapse('norm') row [{self.d_out}-cotangent chunks, {n}, {self.d_in}]"
+        cheaper = "collapse_randomized_norm(k) (k VJPs per row instead of d_out)"
+        sq = torch.zeros(n, dtype=torch.float64, device=self.input.device)
+        for _, _, adj in self.engine.row_chunks(
+            i, self.d_out, self._eye_rows, reserved=self._bytes(n_rows, n), what=what, cheaper=cheaper
+        ):
+            sq[: adj.shape[1]] += adj.double().pow(2).sum(dim=(0, 2))
+        return sq.sqrt()
+
+    def _randomized_row(self, i: int, probes: int, n_rows: int, gen: torch.Generator) -> Tensor:
+        """Per-probe samples ``‖Bᵀz‖²`` ``[probes, pos_in]`` of row ``i``, drawing its probes from ``gen``."""
+        n = self.n_pos
+        samples = torch.zeros(probes, n, dtype=self.input.dtype, device=self.input.device)
+
+        def probe(s: int, e: int) -> Tensor:
+            # Drawn chunk by chunk from one generator: the same stream as one [probes, d_out] draw.
+            return (torch.randint(0, 2, (e - s, self.d_out), generator=gen) * 2 - 1).to(self.input)
+
+        for s, e, adj in self.engine.row_chunks(
+            i,
+            probes,
+            probe,
+            reserved=self._bytes(probes, n) + self._bytes(2, n_rows, n),
+            what=f"collapse_randomized_norm({probes}) row",
+            cheaper="fewer probes",
+        ):
+            samples[s:e, : adj.shape[1]] = adj.to(samples).pow(2).sum(-1)
+        return samples
+
+    def _skip_probes(self, probes: int, gen: torch.Generator) -> None:
+        """Advance ``gen`` past one row's probes without computing them (same stream as drawing)."""
+        for s in range(0, probes, 256):
+            torch.randint(0, 2, (min(256, probes - s), self.d_out), generator=gen)
+
     def collapse(
         self,
         kind: CollapseKind | str,
@@ -557,17 +602,9 @@ class TensorLens:
         x = self.input
         M = torch.zeros(len(rows), n, dtype=x.dtype, device=x.device)
         if kind == "norm":
-            # One row at a time, streamed chunk by chunk: the slice itself is never allocated.
-            what = f"collapse('norm') row [{self.d_out}-cotangent chunks, {n}, {self.d_in}]"
-            cheaper = "collapse_randomized_norm(k) (k VJPs per row instead of d_out)"
             bar = progress_bar(len(rows), "norm collapse", self.progress)
             for r, i in enumerate(rows):
-                sq = torch.zeros(n, dtype=torch.float64, device=x.device)
-                for _, _, adj in self.engine.row_chunks(
-                    i, self.d_out, self._eye_rows, reserved=self._bytes(len(rows), n), what=what, cheaper=cheaper
-                ):
-                    sq[: adj.shape[1]] += adj.double().pow(2).sum(dim=(0, 2))
-                M[r] = sq.sqrt().to(M)
+                M[r] = self._norm_row(i, len(rows)).to(M)
                 bar.update(1)
             bar.close()
             return M
@@ -644,21 +681,7 @@ class TensorLens:
         se = torch.zeros_like(sq)
         bar = progress_bar(len(rows), "randomized norm", self.progress)
         for r, i in enumerate(rows):
-            samples = torch.zeros(probes, n, dtype=self.input.dtype, device=self.input.device)
-
-            def probe(s: int, e: int) -> Tensor:
-                # Drawn chunk by chunk from one generator: the same stream as one [probes, d_out] draw.
-                return (torch.randint(0, 2, (e - s, self.d_out), generator=gen) * 2 - 1).to(self.input)
-
-            for s, e, adj in self.engine.row_chunks(
-                i,
-                probes,
-                probe,
-                reserved=self._bytes(probes, n) + self._bytes(2, len(rows), n),
-                what=f"collapse_randomized_norm({probes}) row",
-                cheaper="fewer probes",
-            ):
-                samples[s:e, : adj.shape[1]] = adj.to(samples).pow(2).sum(-1)
+            samples = self._randomized_row(i, probes, len(rows), gen)
             sq[r] = samples.mean(0).cpu()
             se[r] = (samples.std(0, unbiased=True) / math.sqrt(probes)).cpu()
             bar.update(1)

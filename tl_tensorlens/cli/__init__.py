@@ -1,6 +1,8 @@
 """The ``tl-tensorlens`` command (also ``python -m tl_tensorlens``), one module per command.
 
 * ``explain`` (:mod:`~tl_tensorlens.cli.explain`): a model and a prompt -> a report folder;
+* ``attribute`` (:mod:`~tl_tensorlens.cli.attribute`): a prompt file and methods -> a JSONL of maps,
+  resumable, shardable with ``torchrun``;
 * ``perturb``, ``relations`` (:mod:`~tl_tensorlens.cli.studies`): the paper's studies, resumable;
 * ``list`` (:mod:`~tl_tensorlens.cli.listing`): relevance methods and models.
 
@@ -14,11 +16,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tl_tensorlens.cli import explain, listing, studies
+from tl_tensorlens.cli import attribute, explain, listing, studies
 from tl_tensorlens.cli._common import DEFAULT_PROMPT, PROG, Parser, load_model
 from tl_tensorlens.errors import CliError, TensorLensError
 
-COMMANDS = ("explain", "perturb", "relations", "list")
+COMMANDS = ("explain", "attribute", "perturb", "relations", "list")
 
 
 def _parser() -> Parser:
@@ -28,6 +30,7 @@ def _parser() -> Parser:
     )
     sub: Any = p.add_subparsers(dest="command", parser_class=Parser, metavar="{" + ",".join(COMMANDS) + "}")
     explain.add_parser(sub)
+    attribute.add_parser(sub)
     studies.add_parsers(sub)
     listing.add_parser(sub)
     return p
@@ -53,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if args.command == "explain":
             return explain.run(args)
+        if args.command == "attribute":
+            return attribute.run(args)
         if args.command in ("perturb", "relations"):
             return studies.run(args)
         return listing.run(args)

@@ -43,7 +43,7 @@ def _subject_names() -> list[str]:
     return [s.name for s in list_subjects()]
 
 
-def load_model(name: str, *, backend: str = "auto", dtype: str = "float32") -> tuple[Any, str]:
+def load_model(name: str, *, backend: str = "auto", dtype: str = "float32", device: str = "cpu") -> tuple[Any, str]:
     """Resolve ``--model``: ``default``, a subject name, a checkpoint folder, or a hub name.
 
     Returns:
@@ -52,18 +52,27 @@ def load_model(name: str, *, backend: str = "auto", dtype: str = "float32") -> t
     Raises:
         CliError: the name is none of these.
     """
+    model, label, _ = load_model_and_head(name, backend=backend, dtype=dtype, device=device)
+    return model, label
+
+
+def load_model_and_head(
+    name: str, *, backend: str = "auto", dtype: str = "float32", device: str = "cpu"
+) -> tuple[Any, str, Any]:
+    """:func:`load_model` plus the subject's readout head (``polarity``, ``polarity_ft``; else None)."""
     from tl_tensorlens.subjects import load_local, load_subject
 
     if name in (DEFAULT_MODEL, *_subject_names()):
         subject = DEFAULT_SUBJECT if name == DEFAULT_MODEL else name
-        loaded = load_subject(subject, backend=backend, dtype=to_dtype(dtype))  # type: ignore[arg-type]
-        return loaded.model, subject
+        loaded = load_subject(subject, backend=backend, dtype=to_dtype(dtype), device=device)  # type: ignore[arg-type]
+        return loaded.model, subject, loaded.head
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise CliError(f"--model {name!r}: a folder but not a checkpoint (no config.json)")
-        return load_local(path, backend=backend, dtype=to_dtype(dtype)), path.name  # type: ignore[arg-type]
-    return _load_hub(name, backend, dtype), name
+        model = load_local(path, backend=backend, dtype=to_dtype(dtype), device=device)  # type: ignore[arg-type]
+        return model, path.name, None
+    return _load_hub(name, backend, dtype).to(device), name, None
 
 
 def _load_hub(name: str, backend: str, dtype: str) -> Any:
