@@ -530,7 +530,7 @@ def test_perturbation_harness_runs_every_gradient_method(tmp_path):
 
 def test_benchmark_script_runs_on_one_tiny_prompt():
     spec = importlib.util.spec_from_file_location(
-        "bench_gradients", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gradients.py"
+        "bench_gradients", Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gradients.py"
     )
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
