@@ -135,7 +135,10 @@ def norm_linear_part(
     if kind in ("Identity",):
         return pieces
     if is_bridge(model):
-        # Bridge norm modules are generic wrappers: the config says which norm it is.
+        # Bridge norm modules are generic wrappers: the config says which norm it is (a bridge with
+        # normalization_type=None keeps pass-through norm wrappers, with no hook_scale: the identity).
+        if getattr(model.cfg, "normalization_type", "LN") is None:
+            return pieces
         kind = {"LN": "LayerNorm", "LNPre": "LayerNormPre", "RMS": "RMSNorm", "RMSPre": "RMSNormPre"}.get(
             str(getattr(model.cfg, "normalization_type", "LN")), "LayerNorm"
         )
