@@ -146,6 +146,12 @@ DECODER_BACKENDS: tuple[str, ...] = (("hooked",) if HAS_HOOKED else ()) + (("nat
 ENCODER_BACKENDS: tuple[str, ...] = (("hooked",) if HAS_HOOKED else ()) + ("bridge",)
 
 
+def on_hooked(*params: Any) -> list[Any]:
+    """Parametrize values that need HookedTransformer/HookedEncoder, generated only where TL has them
+    (splat into a parameter list: ``[*on_hooked("ht_gpt2"), "br_gpt2"]``); see DECODER_BACKENDS."""
+    return list(params) if HAS_HOOKED else []
+
+
 def _init_finite(model: torch.nn.Module, seed: int) -> None:
     """Give every parameter finite values and non-trivial biases (fresh TL modules leave some
     parameters uninitialised or zero, which would hide bias bugs)."""
