@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.models import hooked_model_cfg
 from tl_tensorlens._backend import has_hooked_transformer
 from tl_tensorlens.evaluation.relations import (
     PromptAlignmentError,
@@ -39,8 +38,9 @@ needs_hooked = pytest.mark.skipif(not has_hooked_transformer(), reason="HookedTr
 LRE_DIR = default_data_dir() / "relations"
 
 
-def tiny_model(seed: int = 0, d_vocab: int = 50):
-    return hooked_model_cfg(d_vocab=d_vocab, n_ctx=32, normalization_type="LN", seed=seed)
+def tiny_model(decoder, seed: int = 0, d_vocab: int = 50):
+    """A tiny LN decoder from the ``decoder`` fixture (HookedTransformer on TL 3.x, boot_native on both)."""
+    return decoder(None, d_vocab=d_vocab, n_ctx=32, normalization_type="LN", seed=seed)
 
 
 def write_relation(path: Path, name: str, samples: list[tuple[str, str]], **extra) -> Path:
@@ -258,9 +258,8 @@ def test_summary_table_and_plot():
 
 
 # --------------------------------------------------------------------------- study
-@needs_hooked
-def test_study_end_to_end_resumable(tmp_path):
-    model = tiny_model(d_vocab=60)
+def test_study_end_to_end_resumable(decoder, tmp_path):
+    model = tiny_model(decoder, d_vocab=60)
     tok = WordTokenizer.from_relations([TOY], d_vocab=60)
     cfg = RelationStudyConfig(n_train=3, n_splits=2, top_k_filter=60, betas=(1.0, 2.25), mean_tensor_ablation=True)
     path = tmp_path / "results.jsonl"
@@ -287,10 +286,9 @@ def test_study_end_to_end_resumable(tmp_path):
     assert "mean_tensor" in results_table(rows)
 
 
-@needs_hooked
-def test_study_mean_tensor_exact_when_test_equals_train():
+def test_study_mean_tensor_exact_when_test_equals_train(decoder):
     """With the test prompt identical to the single training prompt the mean tensor is the model."""
-    model = tiny_model(d_vocab=60)
+    model = tiny_model(decoder, d_vocab=60)
     r = Relation("same", ("{} is in",), (), tuple(RelationSample("c1", "k1") for _ in range(1)))
     tok = WordTokenizer.from_relations([r], d_vocab=60)
     (a,) = align_samples(r, tok)
@@ -302,9 +300,8 @@ def test_study_mean_tensor_exact_when_test_equals_train():
     assert m["faithfulness"] == 1.0
 
 
-@needs_hooked
-def test_study_skips_small_relations(tmp_path):
-    model = tiny_model(d_vocab=60)
+def test_study_skips_small_relations(decoder, tmp_path):
+    model = tiny_model(decoder, d_vocab=60)
     small = Relation("small", ("{} is in",), (), (RelationSample("a", "b"), RelationSample("c", "d")))
     tok = WordTokenizer.from_relations([small], d_vocab=60)
     rows = run_relation_study(

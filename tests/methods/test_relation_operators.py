@@ -5,15 +5,15 @@ from typing import cast
 import pytest
 import torch
 
-from tests.models import hooked_model_cfg
 from tl_tensorlens._backend import has_hooked_transformer
 from tl_tensorlens.methods.relations import LinearRelationEmbedding, MeanTensor, lre_example, read_model, unembed
 
 needs_hooked = pytest.mark.skipif(not has_hooked_transformer(), reason="HookedTransformer needs TransformerLens < 4")
 
 
-def tiny_model(seed: int = 0, d_vocab: int = 50):
-    return hooked_model_cfg(d_vocab=d_vocab, n_ctx=32, normalization_type="LN", seed=seed)
+def tiny_model(decoder, seed: int = 0, d_vocab: int = 50):
+    """A tiny LN decoder from the ``decoder`` fixture (HookedTransformer on TL 3.x, boot_native on both)."""
+    return decoder(None, d_vocab=d_vocab, n_ctx=32, normalization_type="LN", seed=seed)
 
 
 # --------------------------------------------------------------------------- operators
@@ -30,11 +30,19 @@ def test_lre_recovers_linear_toy_map():
     torch.testing.assert_close(lre.with_beta(2.0).apply(s_new), 2.0 * s_new @ A.T + c)
 
 
-@needs_hooked
-def test_lre_on_attention_free_linear_model_recovers_map():
+def test_lre_on_attention_free_linear_model_recovers_map(decoder):
     """A model that is linear in the subject state: LRE's W must equal that linear map exactly."""
-    model = hooked_model_cfg(
-        n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=13, n_ctx=8, attn_only=True, normalization_type=None, seed=1
+    model = decoder(
+        None,
+        n_layers=1,
+        d_model=8,
+        n_heads=2,
+        d_head=4,
+        d_vocab=13,
+        n_ctx=8,
+        attn_only=True,
+        normalization_type=None,
+        seed=1,
     )
     tokens = torch.tensor([[1, 2, 3, 4], [2, 5, 3, 1]])
     # With W_O = 0 the attention adds the constant b_O and there is no norm, so at the last
@@ -46,9 +54,8 @@ def test_lre_on_attention_free_linear_model_recovers_map():
     torch.testing.assert_close(lre.bias, model.blocks[0].attn.b_O.detach(), rtol=0, atol=1e-12)
 
 
-@needs_hooked
-def test_lre_example_matches_finite_differences():
-    model = tiny_model()
+def test_lre_example_matches_finite_differences(decoder):
+    model = tiny_model(decoder)
     tokens = torch.tensor([[3, 7, 1, 9, 4, 2]])
     W, b, s = lre_example(model, tokens, 3, layer=1)
 
@@ -58,17 +65,22 @@ def test_lre_example_matches_finite_differences():
             act[:, 3] = h
             return act
 
-        with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", feed)]):
-            resid = model(tokens, stop_at_layer=model.cfg.n_layers)
-        return model.ln_final(resid)[0, -1]
+        seen = {}
+
+        def grab(act, hook):
+            seen["resid"] = act
+
+        last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"  # (the Bridge has no stop_at_layer)
+        with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", feed), (last, grab)]):
+            model(tokens)
+        return model.ln_final(seen["resid"])[0, -1]
 
     torch.testing.assert_close(W, torch.autograd.functional.jacobian(f, s), rtol=0, atol=1e-10)
     torch.testing.assert_close(W @ s + b, f(s).detach(), rtol=0, atol=1e-12)
 
 
-@needs_hooked
-def test_mean_tensor_single_example_reproduces_model_output():
-    model = tiny_model()
+def test_mean_tensor_single_example_reproduces_model_output(decoder):
+    model = tiny_model(decoder)
     tokens = torch.tensor([[5, 11, 3, 8, 2, 30, 7]])
     mean = MeanTensor.fit(model, tokens)
     read = read_model(model, tokens, subject_pos=4)
@@ -80,9 +92,8 @@ def test_mean_tensor_single_example_reproduces_model_output():
     assert "MeanTensor(d_out=32, pos=7, d_model=32, n_examples=1" in repr(mean)
 
 
-@needs_hooked
-def test_mean_tensor_identical_examples_and_linearity():
-    model = tiny_model()
+def test_mean_tensor_identical_examples_and_linearity(decoder):
+    model = tiny_model(decoder)
     one = torch.tensor([[5, 11, 3, 8, 2]])
     single = MeanTensor.fit(model, one)
     triple = MeanTensor.fit(model, one.repeat(3, 1))
@@ -98,9 +109,8 @@ def test_mean_tensor_identical_examples_and_linearity():
         pair.apply(torch.zeros(4, 32, dtype=torch.float64))
 
 
-@needs_hooked
-def test_read_model_matches_cache():
-    model = tiny_model()
+def test_read_model_matches_cache(decoder):
+    model = tiny_model(decoder)
     tokens = torch.tensor([[5, 11, 3, 8, 2], [9, 1, 3, 4, 2], [1, 2, 3, 4, 5]])
     read = read_model(model, tokens, 2, layers=(0, 1), batch_size=2)
     out, cache = model.run_with_cache(tokens)
