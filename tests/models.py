@@ -1,7 +1,11 @@
 """Tiny random models of every supported family, shared by the test modules.
 
-HookedTransformer/HookedEncoder configs exist only on TransformerLens 3.x; the Bridge factories
-build Hugging Face models from configs (no hub) and work on 3.9 and 4.3.
+Three backends build them (the fixtures in ``tests/conftest.py`` hand them out):
+
+* ``hooked`` — ``HookedTransformer``/``HookedEncoder`` from a config (TransformerLens 3.x only);
+* ``native`` — ``TransformerBridge.boot_native`` from the same config fields (TL 3.9 and 4.x): the
+  same tiny decoders as ``hooked`` on the Bridge, with TL-shaped weights, no Hugging Face model;
+* ``bridge`` — a ``TransformerBridge`` around a Hugging Face model built from a config (no hub).
 """
 
 from typing import Any
@@ -11,6 +15,20 @@ import torch
 from tl_tensorlens._backend import bridge_from_hf, has_hooked_transformer
 
 HAS_HOOKED = has_hooked_transformer()
+
+
+def _has_native() -> bool:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # pragma: no cover - a TL without the Bridge
+        return False
+    return hasattr(TransformerBridge, "boot_native")
+
+
+HAS_NATIVE = _has_native()
+#: Skip reasons, one per absent backend.
+NO_HOOKED = "HookedTransformer/HookedEncoder exist only on TransformerLens 3.x"
+NO_NATIVE = "TransformerBridge.boot_native is absent from this TransformerLens"
 
 _BASE: dict[str, Any] = dict(
     n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=53, n_ctx=24, act_fn="gelu_new", seed=0
@@ -95,6 +113,45 @@ HOOKED_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The HOOKED_CONFIGS families boot_native's NativeModel builds as configured. It has only standard and
+#: rotary positions and gelu/gelu_new/relu/silu MLPs, and ignores ``window_size``,
+#: ``original_architecture`` (Gemma's embedding scale, OLMo-2's post-norm) and attention sinks, so
+#: those families stay HookedTransformer-only rather than being run under a misleading name.
+NATIVE_FAMILIES: tuple[str, ...] = (
+    "gpt2",
+    "neox_parallel_partial_rotary",
+    "gptj",
+    "llama_gqa",
+    "attn_only_ln",
+    "attn_only_none",
+    "norm_lnpre",
+    "norm_rms",
+    "norm_rmspre",
+    "norm_none",
+    "relu",
+    "silu",
+    "gelu_exact",
+    "gated_gelu",
+    "attn_result_split_qkv",
+    "split_qkv_hook_mlp_in",
+    "three_layers_gqa_bias",
+)
+
+#: Decoder backends built from HOOKED_CONFIGS fields, in the order tests are parametrized. A backend
+#: the installed TL lacks is left out (not generated as a skip): TL 4.3 has no HookedTransformer, so a
+#: ``[hooked-...]`` variant of a test is no test of that line. Tests that only make sense on one
+#: backend use the ``hooked``/``native`` fixtures, which skip with NO_HOOKED/NO_NATIVE instead.
+DECODER_BACKENDS: tuple[str, ...] = (("hooked",) if HAS_HOOKED else ()) + (("native",) if HAS_NATIVE else ())
+#: Encoder backends: HookedEncoder (TL 3.x) and a BERT TransformerBridge (both lines).
+ENCODER_BACKENDS: tuple[str, ...] = (("hooked",) if HAS_HOOKED else ()) + ("bridge",)
+
+
+def on_hooked(*params: Any) -> list[Any]:
+    """Parametrize values that need HookedTransformer/HookedEncoder, generated only where TL has them
+    (splat into a parameter list: ``[*on_hooked("ht_gpt2"), "br_gpt2"]``); see DECODER_BACKENDS."""
+    return list(params) if HAS_HOOKED else []
+
+
 def _init_finite(model: torch.nn.Module, seed: int) -> None:
     """Give every parameter finite values and non-trivial biases (fresh TL modules leave some
     parameters uninitialised or zero, which would hide bias bugs)."""
@@ -124,6 +181,50 @@ def hooked_model_cfg(dtype: torch.dtype = torch.float64, **overrides: Any) -> An
     model = HookedTransformer(HookedTransformerConfig(**{**_BASE, "dtype": dtype, **overrides}))
     _init_finite(model, 0)
     return model.eval()
+
+
+def native_model_cfg(dtype: torch.dtype = torch.float64, **overrides: Any) -> Any:
+    """A tiny random ``TransformerBridge.boot_native`` model with HookedTransformerConfig-style
+    overrides (works on TL 3.9 and 4.x; same init as :func:`hooked_model_cfg`)."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    kw = {**_BASE, **overrides}
+    torch.manual_seed(int(kw.get("seed") or 0))
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**kw), dtype=dtype)
+    _init_finite(model, 0)
+    return model.eval()
+
+
+def native_model(name: str, dtype: torch.dtype = torch.float64) -> Any:
+    """A tiny random ``boot_native`` Bridge of the named family (one of :data:`NATIVE_FAMILIES`)."""
+    if name not in NATIVE_FAMILIES:
+        raise ValueError(f"boot_native does not build the {name!r} family as configured")
+    return native_model_cfg(dtype, **HOOKED_CONFIGS[name])
+
+
+def decoder_model(backend: str, name: str = "gpt2", dtype: torch.dtype = torch.float64) -> Any:
+    """The named HOOKED_CONFIGS family on ``backend`` ("hooked" or "native")."""
+    return hooked_model(name, dtype) if backend == "hooked" else native_model(name, dtype)
+
+
+def decoder_model_cfg(backend: str, dtype: torch.dtype = torch.float64, **overrides: Any) -> Any:
+    """A tiny decoder with arbitrary config overrides on ``backend`` ("hooked" or "native")."""
+    return hooked_model_cfg(dtype, **overrides) if backend == "hooked" else native_model_cfg(dtype, **overrides)
+
+
+def family_params(names: "Any" = None) -> list[Any]:
+    """``pytest.param(backend, family)`` pairs over :data:`DECODER_BACKENDS`; families boot_native
+    does not build run on ``hooked`` only."""
+    import pytest
+
+    out = []
+    for name in names if names is not None else sorted(HOOKED_CONFIGS):
+        for backend in DECODER_BACKENDS:
+            if backend == "native" and name not in NATIVE_FAMILIES:
+                continue
+            out.append(pytest.param(backend, name, id=f"{backend}-{name}"))
+    return out
 
 
 def encoder_model(dtype: torch.dtype = torch.float64, **overrides: Any) -> Any:
@@ -186,7 +287,16 @@ def hf_model(name: str, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
 
 def bridge_model(name: str, dtype: torch.dtype = torch.float64) -> Any:
     """A TransformerBridge around :func:`hf_model` (works on TL 3.9 and 4.3)."""
-    return bridge_from_hf(hf_model(name, dtype))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bridge_from_hf(hf_model(name, dtype))
+
+
+def any_encoder(backend: str, dtype: torch.dtype = torch.float64) -> Any:
+    """A tiny random BERT encoder on ``backend``: "hooked" (HookedEncoder) or "bridge" (BERT Bridge)."""
+    return encoder_model(dtype) if backend == "hooked" else bridge_model("bert", dtype)
 
 
 TOKENS = torch.tensor([[0, 5, 17, 8, 33, 21, 5, 17, 40, 12]])

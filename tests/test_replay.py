@@ -5,7 +5,17 @@ import warnings
 import pytest
 import torch
 
-from tests.models import BRIDGE_FAMILIES, HAS_HOOKED, HOOKED_CONFIGS, TOKENS, bridge_model, encoder_model, hooked_model
+from tests.models import (
+    BRIDGE_FAMILIES,
+    HAS_HOOKED,
+    HOOKED_CONFIGS,
+    NO_HOOKED,
+    TOKENS,
+    bridge_model,
+    decoder_model,
+    encoder_model,
+    family_params,
+)
 from tl_tensorlens import (
     ArgumentError,
     ReplayError,
@@ -17,8 +27,9 @@ from tl_tensorlens import (
     replay,
     verify_replay,
 )
+from tl_tensorlens._backend import float32_norms_in_float64
 
-needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer/HookedEncoder exist only on TL 3.x")
+needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=NO_HOOKED)
 OUTPUTS = ("resid_post", "ln_final", "logits")
 
 
@@ -63,11 +74,14 @@ def _check_exact(model, outputs=OUTPUTS, rep_tol=1e-12, aff_tol=1e-12):
     return state
 
 
-@needs_hooked
-@pytest.mark.parametrize("name", sorted(HOOKED_CONFIGS))
-def test_hooked_transformer_replay_exact(name):
+@pytest.mark.parametrize("backend, name", family_params())
+def test_decoder_replay_exact(backend, name):
+    """Every HOOKED_CONFIGS family on HookedTransformer (TL 3.x) and on boot_native (both lines)."""
     assert len(HOOKED_CONFIGS) >= 20
-    _check_exact(hooked_model(name))
+    model = decoder_model(backend, name)
+    # boot_native's RMSNorm upcasts through float32 like HF's: reproduction is float32-accurate
+    # there (the replay itself stays affine to 1e-12; see test_bridge_rms_tolerance_is_hf_float32_upcast).
+    _check_exact(model, rep_tol=1e-5 if float32_norms_in_float64(model) else 1e-12)
 
 
 @needs_hooked
@@ -96,9 +110,8 @@ def test_bridge_replay_exact(name):
         assert state.is_causal
 
 
-@needs_hooked
-def test_batch_equals_single_replays():
-    model = hooked_model("llama_gqa")
+def test_batch_equals_single_replays(decoder):
+    model = decoder("llama_gqa")
     state = capture(model, TOKENS)
     gen = torch.Generator().manual_seed(1)
     xs = state.x0 + torch.randn((4, *state.x0.shape), generator=gen, dtype=torch.float64)
@@ -107,9 +120,8 @@ def test_batch_equals_single_replays():
     torch.testing.assert_close(batched, singles, rtol=1e-13, atol=1e-13)
 
 
-@needs_hooked
-def test_linear_part_is_affine_minus_constant():
-    model = hooked_model("gpt2")
+def test_linear_part_is_affine_minus_constant(decoder):
+    model = decoder("gpt2")
     state = capture(model, TOKENS)
     c = replay(model, state, torch.zeros_like(state.x0))
     lin = replay(model, state, state.x0, bias=False)
@@ -117,9 +129,8 @@ def test_linear_part_is_affine_minus_constant():
     torch.testing.assert_close(lin + c, full, rtol=1e-12, atol=1e-12)
 
 
-@needs_hooked
-def test_layer_range_and_heads():
-    model = hooked_model("gpt2")
+def test_layer_range_and_heads(decoder):
+    model = decoder("gpt2")
     state = capture(model, TOKENS)
     # Block 1 alone fed with its captured input reproduces its captured output.
     y = replay(model, state, state.resid_pre(1), layers=(1, 2))
@@ -135,15 +146,16 @@ def test_layer_range_and_heads():
         replay(model, state, state.x0, layers=(0, 1), output="logits")
 
 
-@needs_hooked
-def test_no_hook_survives_success_or_error():
-    model = hooked_model("gemma2_softcaps_sandwich")
+def test_no_hook_survives_success_or_error(decoder):
+    # Gemma-2's sandwich norms on HookedTransformer; boot_native has no Gemma-2, LLaMA's RMS norms there.
+    model = decoder("gemma2_softcaps_sandwich" if decoder.backend == "hooked" else "llama_gqa")
+    fresh = _hook_snapshot(model)  # the Bridge keeps a few internal hooks of its own
     state = capture(model, TOKENS)
     replay(model, state, state.x0)
-    assert _hooks_left(model) == 0
+    assert _hooks_left(model, fresh) == 0
     with pytest.raises(ArgumentError, match=r"x=.*\[batch, pos=10, d_model=32\]"):
         replay(model, state, torch.zeros(3, 32, dtype=torch.float64))
-    assert _hooks_left(model) == 0
+    assert _hooks_left(model, fresh) == 0
     # An error raised midway through the forward, inside a hook.
     bad = dict(state.frozen)
     bad["blocks.1.ln2.hook_scale"] = bad["blocks.1.ln2.hook_scale"][:, :3]
@@ -151,16 +163,16 @@ def test_no_hook_survives_success_or_error():
 
     with pytest.raises(ReplayError, match="blocks.1.ln2.hook_scale"):
         replay(model, replace(state, frozen=bad), state.x0)
-    assert _hooks_left(model) == 0
+    assert _hooks_left(model, fresh) == 0
     with pytest.raises(RuntimeError):
         with linearized(model, state):
             raise RuntimeError("user code fails inside the context")
-    assert _hooks_left(model) == 0
+    assert _hooks_left(model, fresh) == 0
 
 
-@needs_hooked
-def test_linearized_context_composes_with_run_with_hooks():
-    model = hooked_model("gpt2")
+def test_linearized_context_composes_with_run_with_hooks(decoder):
+    model = decoder("gpt2")
+    fresh = _hook_snapshot(model)
     state = capture(model, TOKENS)
     seen = {}
 
@@ -169,17 +181,17 @@ def test_linearized_context_composes_with_run_with_hooks():
 
     with linearized(model, state) as m:
         logits = m.run_with_hooks(TOKENS, fwd_hooks=[("blocks.1.hook_resid_post", grab)])
-        assert _hooks_left(model) > 0  # the frozen hooks are still in place after run_with_hooks
-    assert _hooks_left(model) == 0
+        assert _hooks_left(model, fresh) > 0  # the frozen hooks are still in place after run_with_hooks
+    assert _hooks_left(model, fresh) == 0
     torch.testing.assert_close(logits, state.logits, rtol=1e-12, atol=1e-12)
     # The same hooks as a plain list inside run_with_hooks on a different same-length prompt: linear.
     other = torch.randint(3, 50, TOKENS.shape)
-    out = model.run_with_hooks(other, fwd_hooks=frozen_hooks(model, state), stop_at_layer=2)
+    # (to the logits: the Bridge's forward has no stop_at_layer)
+    out = model.run_with_hooks(other, fwd_hooks=frozen_hooks(model, state))
     x_other = model.run_with_cache(other)[1]["blocks.0.hook_resid_pre"][0]
-    torch.testing.assert_close(out[0], replay(model, state, x_other), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[0], replay(model, state, x_other, output="logits"), rtol=1e-12, atol=1e-12)
 
 
-@needs_hooked
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -191,30 +203,26 @@ def test_linearized_context_composes_with_run_with_hooks():
         ),
     ],
 )
-def test_refused_settings_named(overrides, field):
-    from tests.models import hooked_model_cfg
-
+def test_refused_settings_named(hooked, overrides, field):
     if field is None:
-        model = hooked_model_cfg(**overrides)
+        model = hooked(None, **overrides)
         verify_replay(model, TOKENS)
         return
-    model = hooked_model_cfg(**overrides)
+    model = hooked(None, **overrides)
     with pytest.raises(UnsupportedModelError, match=field):
         capture(model, TOKENS)
     assert _hooks_left(model) == 0
 
 
-@needs_hooked
-def test_unknown_activation_refused():
-    model = hooked_model("gpt2")
+def test_unknown_activation_refused(decoder):
+    model = decoder("gpt2")
     model.cfg.act_fn = "my_custom_act"
     with pytest.raises(UnsupportedModelError, match="act_fn"):
         capture(model, TOKENS)
 
 
-@needs_hooked
-def test_verify_raises_on_hidden_nonlinearity():
-    model = hooked_model("gpt2")
+def test_verify_raises_on_hidden_nonlinearity(decoder):
+    model = decoder("gpt2")
     state = capture(model, TOKENS)
     # A hidden nonlinearity added after capture (an unhooked tanh on the MLP output) breaks affinity.
     handle = model.blocks[0].mlp.register_forward_hook(lambda mod, inp, out: torch.tanh(out))
@@ -225,13 +233,11 @@ def test_verify_raises_on_hidden_nonlinearity():
         handle.remove()
 
 
-@needs_hooked
-def test_capture_rejects_batches():
+def test_capture_rejects_batches(decoder):
     with pytest.raises(ArgumentError, match="one prompt"):
-        capture(hooked_model("gpt2"), torch.zeros(2, 5, dtype=torch.long))
+        capture(decoder("gpt2"), torch.zeros(2, 5, dtype=torch.long))
 
 
-@needs_hooked
 def test_zero_preactivation_uses_exact_limit():
     from tl_tensorlens.capture import activation_ratio
 
@@ -266,13 +272,12 @@ def test_bridge_rms_tolerance_is_hf_float32_upcast(name):
     assert 1e-10 < upcast_gap < 1e-5, "the HF path differs from the float64 path by float32 rounding"
 
 
-@needs_hooked
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_lower_precision_within_documented_tolerance(dtype, tol):
+def test_lower_precision_within_documented_tolerance(decoder, dtype, tol):
     from tl_tensorlens.replay import default_tolerance
 
     assert default_tolerance(dtype) == tol
-    model = hooked_model("llama_gqa", dtype=dtype)
+    model = decoder("llama_gqa", dtype=dtype)
     (check,) = verify_replay(model, TOKENS, outputs=("logits",))
     assert check.ok and check.tolerance == tol
 

@@ -6,10 +6,19 @@ import pytest
 import torch
 
 from tests.dense_reference import as_tensor4, attention_matrix, mlp_matrix, model_matrix, norm_matrix
-from tests.models import HAS_HOOKED, TOKENS, bridge_model, encoder_model, hooked_model
+from tests.models import (
+    HAS_HOOKED,
+    NO_HOOKED,
+    TOKENS,
+    bridge_model,
+    decoder_model,
+    encoder_model,
+    family_params,
+    on_hooked,
+)
 from tl_tensorlens import ArgumentError, MemoryBudgetError, TensorLens, capture
 
-needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer/HookedEncoder exist only on TL 3.x")
+needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=NO_HOOKED)
 
 DENSE_FAMILIES = [
     "gpt2",
@@ -22,18 +31,51 @@ DENSE_FAMILIES = [
 ]
 
 
-def _model(name):
-    return encoder_model() if name == "encoder" else hooked_model(name)
+#: Known gaps on boot_native bridges, found when these tests were first run there (TL 3.9 and 4.3); the
+#: replay of these models is exact and affine (tests/test_replay.py), so the gap is in the dense
+#: reference or in the named collapse, to be investigated. strict: a fix shows up as XPASS.
+NATIVE_KNOWN_GAPS = {
+    ("test_full_matches_independent_dense_construction", "neox_parallel_partial_rotary"): (
+        "tests/dense_reference.py disagrees with the lens by 0.7 (relative) on a native parallel/partial-rotary block"
+    ),
+    ("test_full_matches_independent_dense_construction", "llama_gqa"): (
+        "tests/dense_reference.py reads mlp.act_fn, which boot_native's GatedMLPBridge does not have"
+    ),
+    ("test_blocks_compose_to_range", "neox_parallel_partial_rotary"): (
+        "tests/dense_reference.py disagrees with the lens on a native parallel/partial-rotary block"
+    ),
+    ("test_heads_plus_rest_rebuild_block", "llama_gqa"): (
+        "tests/dense_reference.py reads mlp.act_fn, which boot_native's GatedMLPBridge does not have"
+    ),
+    ("test_collapses_sum_to_what_they_should", "llama_gqa"): (
+        "collapse('in_class', token=...) + collapse_bias misses the model's logits by ~0.5 on a native LLaMA "
+        "(In+Out, contributions and in_class by direction hold)"
+    ),
+}
+
+
+def _params(test: str, names, encoder: bool = False):
+    out = []
+    for p in family_params(names):
+        backend, name = p.values
+        gap = NATIVE_KNOWN_GAPS.get((test, name)) if backend == "native" else None
+        out.append(pytest.param(*p.values, id=p.id, marks=pytest.mark.xfail(strict=True, reason=gap)) if gap else p)
+    return out + (on_hooked(("hooked", "encoder")) if encoder else [])
+
+
+def _model(name, backend="hooked"):
+    return encoder_model() if name == "encoder" else decoder_model(backend, name)
 
 
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@needs_hooked
-@pytest.mark.parametrize("name", DENSE_FAMILIES)
-def test_full_matches_independent_dense_construction(name):
-    model = _model(name)
+@pytest.mark.parametrize(
+    "backend, name", _params("test_full_matches_independent_dense_construction", DENSE_FAMILIES[:-1], True)
+)
+def test_full_matches_independent_dense_construction(backend, name):
+    model = _model(name, backend)
     outputs = ("resid_post",) if name == "encoder" else ("resid_post", "ln_final")
     for output in outputs:
         lens = TensorLens.from_model(model, TOKENS, output=output)
@@ -56,9 +98,8 @@ def test_full_matches_independent_dense_construction(name):
             assert not lens.state.is_causal
 
 
-@needs_hooked
-def test_logits_tensor_and_bias_free_lens():
-    model = hooked_model("gemma2_softcaps_sandwich")
+def test_logits_tensor_and_bias_free_lens(decoder):
+    model = decoder("gemma2_softcaps_sandwich")
     lens = TensorLens.from_model(model, TOKENS, output="logits")
     T = lens.full()
     y = torch.einsum("idjk,jk->id", T, lens.input) + lens.bias
@@ -72,10 +113,12 @@ def test_logits_tensor_and_bias_free_lens():
     assert _rel(lens.apply_adjoint(g), torch.einsum("idjk,bid->bjk", T, g)) <= 1e-12
 
 
-@needs_hooked
-@pytest.mark.parametrize("name", ["gpt2", "neox_parallel_partial_rotary", "olmo2_post_norm", "encoder"])
-def test_blocks_compose_to_range(name):
-    model = _model(name)
+@pytest.mark.parametrize(
+    "backend, name",
+    _params("test_blocks_compose_to_range", ["gpt2", "neox_parallel_partial_rotary", "olmo2_post_norm"], True),
+)
+def test_blocks_compose_to_range(backend, name):
+    model = _model(name, backend)
     lens = TensorLens.from_model(model, TOKENS)
     n, D = lens.input.shape
     mats = [lens.block(layer).full().reshape(n * D, n * D) for layer in range(lens.state.n_layers)]
@@ -87,10 +130,9 @@ def test_blocks_compose_to_range(name):
     assert _rel(rng, model_matrix(model, lens.state, "resid_post", start=1, stop=2)) <= 1e-10
 
 
-@needs_hooked
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
-def test_heads_plus_rest_rebuild_block(name):
-    model = hooked_model(name)
+@pytest.mark.parametrize("backend, name", _params("test_heads_plus_rest_rebuild_block", ["gpt2", "llama_gqa"]))
+def test_heads_plus_rest_rebuild_block(backend, name):
+    model = decoder_model(backend, name)
     lens = TensorLens.from_model(model, TOKENS)
     n, D = lens.input.shape
     eye = torch.eye(n * D, dtype=torch.float64)
@@ -112,9 +154,8 @@ def test_heads_plus_rest_rebuild_block(name):
     assert "HeadTensor(L1H2" in repr(h)
 
 
-@needs_hooked
-def test_head_subset_lens_matches_dense_with_zeroed_heads():
-    model = hooked_model("gpt2")
+def test_head_subset_lens_matches_dense_with_zeroed_heads(decoder):
+    model = decoder("gpt2")
     keep = {0: [1, 3], 1: [0]}
     lens = TensorLens.from_model(model, TOKENS, heads=keep)
     state = lens.state
@@ -132,10 +173,11 @@ def test_head_subset_lens_matches_dense_with_zeroed_heads():
     assert _rel(lens.full(), ref) <= 1e-10
 
 
-@needs_hooked
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "encoder"])
-def test_collapses_sum_to_what_they_should(name):
-    model = _model(name)
+@pytest.mark.parametrize(
+    "backend, name", _params("test_collapses_sum_to_what_they_should", ["gpt2", "llama_gqa"], True)
+)
+def test_collapses_sum_to_what_they_should(backend, name):
+    model = _model(name, backend)
     output = "resid_post" if name == "encoder" else "ln_final"
     lens = TensorLens.from_model(model, TOKENS, output=output)
     T = lens.full()
@@ -166,9 +208,8 @@ def test_collapses_sum_to_what_they_should(name):
         assert torch.allclose(logit.sum(-1) + lens.collapse_bias("in_class", token=tok), logits, rtol=1e-10, atol=1e-10)
 
 
-@needs_hooked
-def test_logit_collapse_on_logits_output_includes_soft_cap():
-    model = hooked_model("gemma2_softcaps_sandwich")
+def test_logit_collapse_on_logits_output_includes_soft_cap(decoder):
+    model = decoder("gemma2_softcaps_sandwich")
     lens = TensorLens.from_model(model, TOKENS, output="logits")
     tok = 11
     logit = lens.collapse("in_class", token=tok)
@@ -178,9 +219,8 @@ def test_logit_collapse_on_logits_output_includes_soft_cap():
         TensorLens.from_model(model, TOKENS).collapse("in_class", token=3)
 
 
-@needs_hooked
-def test_randomized_norm_is_unbiased_and_shrinks():
-    model = hooked_model("gpt2")
+def test_randomized_norm_is_unbiased_and_shrinks(decoder):
+    model = decoder("gpt2")
     lens = TensorLens.from_model(model, TOKENS, progress=False)
     rows = [3, 9]
     exact_sq = lens.collapse("norm", positions=rows).pow(2)
@@ -206,9 +246,8 @@ def test_randomized_norm_is_unbiased_and_shrinks():
     assert big < small / 2
 
 
-@needs_hooked
-def test_memory_budget_refuses_before_allocating():
-    model = hooked_model("gpt2")
+def test_memory_budget_refuses_before_allocating(decoder):
+    model = decoder("gpt2")
     lens = TensorLens.from_model(model, TOKENS, memory_budget=10_000)
     with pytest.raises(MemoryBudgetError, match=r"full\(\).*estimated.*KiB.*cheaper"):
         lens.full()
@@ -223,9 +262,8 @@ def test_memory_budget_refuses_before_allocating():
         lens.collapse("in_out")
 
 
-@needs_hooked
-def test_causal_prefix_slice_equals_whole_prompt_slice():
-    model = hooked_model("llama_gqa")
+def test_causal_prefix_slice_equals_whole_prompt_slice(decoder):
+    model = decoder("llama_gqa")
     lens = TensorLens.from_model(model, TOKENS)
     state = lens.state
     whole = TensorLens.from_state(model, state)
@@ -247,9 +285,8 @@ def test_bridge_lens_reproduces_output(name):
     assert torch.allclose(io.sum(-1), (lens.output * (lens.output - lens.bias)).sum(-1), rtol=1e-10, atol=1e-12)
 
 
-@needs_hooked
-def test_bad_requests_name_the_culprit():
-    model = hooked_model("gpt2")
+def test_bad_requests_name_the_culprit(decoder):
+    model = decoder("gpt2")
     lens = TensorLens.from_model(model, TOKENS)
     with pytest.raises(ArgumentError, match="pos_out=10"):
         lens.slice(10)

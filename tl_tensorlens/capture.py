@@ -515,10 +515,11 @@ def capture(model: Any, tokens: Any) -> FrozenState:
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
         ...     d_vocab=11, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
-        >>> state = capture(HookedTransformer(cfg), torch.tensor([1, 2, 3]))
+        >>> state = capture(TransformerBridge.boot_native(cfg).eval(), torch.tensor([1, 2, 3]))
         >>> state.x0.shape
         torch.Size([3, 8])
     """

@@ -281,10 +281,11 @@ def replay(
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
         ...     d_vocab=11, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
-        >>> model = HookedTransformer(cfg)
+        >>> model = TransformerBridge.boot_native(cfg).eval()
         >>> state = capture(model, torch.tensor([1, 2, 3]))
         >>> y = replay(model, state, state.x0, output="logits")
         >>> bool(torch.allclose(y, state.logits[0]))
@@ -317,10 +318,11 @@ def live(
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
         ...     d_vocab=11, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
-        >>> model = HookedTransformer(cfg)
+        >>> model = TransformerBridge.boot_native(cfg).eval()
         >>> state = capture(model, torch.tensor([1, 2, 3]))
         >>> bool(torch.allclose(live(model, state, state.x0[None], output="logits"), state.logits))
         True
@@ -339,10 +341,11 @@ def linearized(model: Any, state: FrozenState, *, heads: Mapping[int, Sequence[i
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
         ...     d_vocab=11, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
-        >>> model = HookedTransformer(cfg)
+        >>> model = TransformerBridge.boot_native(cfg).eval()
         >>> state = capture(model, torch.tensor([1, 2, 3]))
         >>> with linearized(model, state) as m:
         ...     out = m.run_with_hooks(state.tokens, fwd_hooks=[])
@@ -472,10 +475,11 @@ def verify_replay(
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=2, d_model=8, n_heads=2, d_head=4, d_mlp=16,
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=2, d_model=8, n_heads=2, d_head=4, d_mlp=16,
         ...     d_vocab=11, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
-        >>> checks = verify_replay(HookedTransformer(cfg), torch.tensor([1, 2, 3]), outputs=("logits",))
+        >>> checks = verify_replay(TransformerBridge.boot_native(cfg).eval(), torch.tensor([1, 2, 3]), outputs=("logits",))
         >>> checks[0].ok
         True
     """

@@ -135,7 +135,10 @@ def norm_linear_part(
     if kind in ("Identity",):
         return pieces
     if is_bridge(model):
-        # Bridge norm modules are generic wrappers: the config says which norm it is.
+        # Bridge norm modules are generic wrappers: the config says which norm it is (a bridge with
+        # normalization_type=None keeps pass-through norm wrappers, with no hook_scale: the identity).
+        if getattr(model.cfg, "normalization_type", "LN") is None:
+            return pieces
         kind = {"LN": "LayerNorm", "LNPre": "LayerNormPre", "RMS": "RMSNorm", "RMSPre": "RMSNormPre"}.get(
             str(getattr(model.cfg, "normalization_type", "LN")), "LayerNorm"
         )
@@ -302,10 +305,11 @@ def layer_maps(model: Any, state: Any, kind: IntraLayer) -> Float[Tensor, "layer
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
         ...     d_vocab=20, n_ctx=8, act_fn="gelu", normalization_type="LN", seed=0)
-        >>> model = HookedTransformer(cfg)
+        >>> model = TransformerBridge.boot_native(cfg).eval()
         >>> _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
         >>> layer_maps(model, dict(cache), "w_attn").shape
         torch.Size([2, 3, 3])

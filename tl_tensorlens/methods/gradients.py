@@ -292,11 +292,12 @@ def input_x_gradient(
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
         >>> from tl_tensorlens import capture
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
+        >>> cfg = TransformerBridgeConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16,
         ...     d_vocab=11, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
-        >>> model = HookedTransformer(cfg)
+        >>> model = TransformerBridge.boot_native(cfg).eval()
         >>> state = capture(model, torch.tensor([1, 2, 3]))
         >>> R = input_x_gradient(model, state, position=2, target=5)
         >>> R.shape, bool(R[:2].isnan().all())

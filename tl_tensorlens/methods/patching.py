@@ -190,10 +190,11 @@ def predict_patching(
     Example:
         >>> import torch
         >>> from tl_tensorlens import capture
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
         ...     d_vocab=20, n_ctx=8, act_fn="gelu_new", dtype=torch.float64)
-        >>> model = HookedTransformer(cfg)
+        >>> model = TransformerBridge.boot_native(cfg).eval()
         >>> state = capture(model, torch.tensor([1, 4, 2, 7]))
         >>> metric = LogitDiff(position=-1, good=3, bad=5)
         >>> pred = predict_patching(model, state, torch.tensor([[1, 9, 2, 7]]), metric)

@@ -63,10 +63,11 @@ def unembed(model: Any, y: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*b
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=8,
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
+        >>> cfg = TransformerBridgeConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=8,
         ...                               act_fn="gelu_new", normalization_type="LN")
-        >>> unembed(HookedTransformer(cfg), torch.zeros(3, 8)).shape
+        >>> unembed(TransformerBridge.boot_native(cfg).eval(), torch.zeros(3, 8)).shape
         torch.Size([3, 11])
     """
     shape = y.shape[:-1]
@@ -149,11 +150,12 @@ class MeanTensor:
 
     Example:
         >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> from transformer_lens.config import TransformerBridgeConfig
+        >>> from transformer_lens.model_bridge import TransformerBridge
         >>> torch.manual_seed(0) and None
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=8,
+        >>> cfg = TransformerBridgeConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=8,
         ...                               act_fn="gelu_new", normalization_type="LN", dtype=torch.float64)
-        >>> model = HookedTransformer(cfg)
+        >>> model = TransformerBridge.boot_native(cfg).eval()
         >>> tokens = torch.tensor([[1, 2, 3, 4]])
         >>> mt = MeanTensor.fit(model, tokens)
         >>> x0 = read_model(model, tokens, 0).x0

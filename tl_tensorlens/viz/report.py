@@ -76,6 +76,11 @@ def available_methods() -> list[str]:
 
 
 def resolve_methods(methods: Sequence[str]) -> list[str]:
+    """The report's method names checked against the registry, deprecated names mapped to new ones.
+
+    Raises:
+        ArgumentError: a name is not registered, or ``methods`` is empty.
+    """
     out = []
     for m in methods:
         if m == "tensor_logit":

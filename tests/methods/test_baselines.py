@@ -9,12 +9,13 @@ import torch
 from tests.models import (
     BRIDGE_FAMILIES,
     HAS_HOOKED,
-    HOOKED_CONFIGS,
+    NO_HOOKED,
     TOKENS,
     bridge_model,
+    decoder_model,
+    decoder_model_cfg,
     encoder_model,
-    hooked_model,
-    hooked_model_cfg,
+    family_params,
 )
 from tl_tensorlens.errors import TensorLensError
 from tl_tensorlens.methods import (
@@ -31,7 +32,7 @@ from tl_tensorlens.methods import (
 )
 from tl_tensorlens.methods.attention import _res_pieces, _weighted_pieces, alti_pieces
 
-needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer/HookedEncoder need TransformerLens < 4")
+needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=NO_HOOKED)
 
 F64 = dict(dtype=torch.float64)
 
@@ -48,11 +49,19 @@ def _cache(model, tokens=TOKENS):
 #   layer 0: A = [[1, 0], [.5, .5]],   v_0 = [1, 0], v_1 = [0, 2],  x_0 = [1, 1], x_1 = [0, 1]
 #   layer 1: A = [[1, 0], [.25, .75]], v_0 = [3, 0], v_1 = [0, 4],  x_0 = [2, 0], x_1 = [0, 0]
 # --------------------------------------------------------------------------------------------
-def _hand_decoder():
+def _hand_decoder(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = hooked_model_cfg(
-            d_model=2, n_heads=1, d_head=2, d_vocab=4, n_ctx=4, attn_only=True, normalization_type=None, act_fn="relu"
+        model = decoder_model_cfg(
+            backend,
+            d_model=2,
+            n_heads=1,
+            d_head=2,
+            d_vocab=4,
+            n_ctx=4,
+            attn_only=True,
+            normalization_type=None,
+            act_fn="relu",
         )
     with torch.no_grad():
         for block in model.blocks:
@@ -86,25 +95,22 @@ HAND_DECODER_EXPECTED = {
 }
 
 
-@needs_hooked
 @pytest.mark.parametrize("method", BASELINES)
-def test_hand_built_decoder_known_answer(method):
-    model, acts = _hand_decoder()
+def test_hand_built_decoder_known_answer(decoder, method):
+    model, acts = _hand_decoder(decoder.backend)
     got = get_method(method)(model, acts)
     torch.testing.assert_close(got, torch.tensor(HAND_DECODER_EXPECTED[method], **F64), rtol=0, atol=1e-12)
 
 
-@needs_hooked
-def test_hand_built_decoder_raw_layer_maps():
-    model, acts = _hand_decoder()
+def test_hand_built_decoder_raw_layer_maps(decoder):
+    model, acts = _hand_decoder(decoder.backend)
     torch.testing.assert_close(layer_maps(model, acts, "w_attn")[0], torch.tensor([[1, 0], [0.5, 1]], **F64))
     torch.testing.assert_close(
         layer_maps(model, acts, "w_attn_res_ln")[0], torch.tensor([[math.sqrt(5), 0], [0.5, 2]], **F64)
     )
 
 
-@needs_hooked
-def test_hand_built_decoder_alti():
+def test_hand_built_decoder_alti(decoder):
     # Same activations, and b_O = [-1, 1] in layer 1 so the resultant differs from the pieces' sum.
     # Layer 0 (b_O = 0), ALTI = max(0, ‖y‖₁ - ‖y - p‖₁) with p_ij = α_ij v_j + δ_ij x_i:
     #   row 0: p = [2, 1], 0; y = [2, 1] -> [3, 0].
@@ -113,7 +119,7 @@ def test_hand_built_decoder_alti():
     #   row 1: p = [.75, 0], [0, 3]; y = [-.25, 4], ‖y‖₁ = 4.25; distances 5 and 1.25 -> [0, 3]
     #   (the first is clamped at 0: that piece points away from the output).
     # Rollout without identity: [[1, 0], [0, 1]] @ [[1, 0], [.2, .8]].
-    model, acts = _hand_decoder()
+    model, acts = _hand_decoder(decoder.backend)
     with torch.no_grad():
         model.blocks[0].attn.b_O.zero_()
         model.blocks[1].attn.b_O.copy_(torch.tensor([-1.0, 1.0], **F64))
@@ -200,10 +206,11 @@ def test_rollout_and_mean_by_hand():
 # --------------------------------------------------------------------------------------------
 # Exact bookkeeping on random models: the decomposed pieces sum to the model's own sums.
 # --------------------------------------------------------------------------------------------
-@needs_hooked
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "three_layers_gqa_bias", "gemma2_softcaps_sandwich"])
-def test_pieces_sum_to_the_residual(family):
-    model = hooked_model(family)
+@pytest.mark.parametrize(
+    "backend, family", family_params(["gpt2", "llama_gqa", "three_layers_gqa_bias", "gemma2_softcaps_sandwich"])
+)
+def test_pieces_sum_to_the_residual(backend, family):
+    model = decoder_model(backend, family)
     acts = _cache(model)
     for layer in range(model.cfg.n_layers):
         b_o = model.blocks[layer].attn.b_O.detach()
@@ -226,7 +233,7 @@ def test_pieces_sum_to_the_residual(family):
         torch.testing.assert_close(whole, acts[f"blocks.{layer}.hook_resid_mid"][0], rtol=0, atol=1e-12)
 
 
-@needs_hooked
+@needs_hooked  # a BERT Bridge's ln1/resid_mid hooks do not sit where HookedEncoder's do
 def test_encoder_ln_pieces_sum_to_the_normalized_residual():
     from tl_tensorlens.methods.attention import norm_linear_part
 
@@ -242,7 +249,7 @@ def test_encoder_ln_pieces_sum_to_the_normalized_residual():
         torch.testing.assert_close(pieces.sum(1) + b_part + ln1.b, expected, rtol=0, atol=1e-10)
 
 
-@needs_hooked
+@needs_hooked  # as above
 def test_alti_resultant_is_the_real_ln1_output_on_the_encoder():
     model = encoder_model()
     acts = _cache(model)
@@ -263,10 +270,9 @@ def _check_map(r, n, causal):
         assert torch.all(torch.triu(r, 1).abs() < 1e-12)
 
 
-@needs_hooked
-@pytest.mark.parametrize("family", sorted(HOOKED_CONFIGS))
-def test_every_baseline_runs_on_every_hooked_family(family):
-    model = hooked_model(family)
+@pytest.mark.parametrize("backend, family", family_params())
+def test_every_baseline_runs_on_every_decoder_family(backend, family):
+    model = decoder_model(backend, family)
     acts = _cache(model)
     if family.startswith("olmo2"):
         with pytest.raises(TensorLensError, match="Olmo2"):
@@ -276,9 +282,8 @@ def test_every_baseline_runs_on_every_hooked_family(family):
         _check_map(get_method(name)(model, acts), TOKENS.shape[1], causal=True)
 
 
-@needs_hooked
-def test_every_baseline_runs_on_the_encoder():
-    model = encoder_model()
+def test_every_baseline_runs_on_the_encoder(encoder):
+    model = encoder()
     acts = _cache(model)
     for name in ALL_BASELINES:
         _check_map(get_method(name)(model, acts), TOKENS.shape[1], causal=False)
@@ -317,20 +322,18 @@ def test_registry():
         get_method("ones_for_test")
 
 
-@needs_hooked
-def test_random_method_is_seeded_by_the_input():
-    model = hooked_model("gpt2")
+def test_random_method_is_seeded_by_the_input(decoder):
+    model = decoder("gpt2")
     a, b = _cache(model), _cache(model, TOKENS.flip(-1))
     ra = get_method("random")(model, a)
     torch.testing.assert_close(ra, get_method("random")(model, a))
     assert not torch.allclose(ra, get_method("random")(model, b))
 
 
-@needs_hooked
-def test_tensor_methods_match_the_core_collapses():
+def test_tensor_methods_match_the_core_collapses(decoder):
     from tl_tensorlens import TensorLens, capture
 
-    model = hooked_model("gpt2")
+    model = decoder("gpt2")
     state = capture(model, TOKENS)
     lens = TensorLens.from_state(model, state, output="ln_final")
     n = TOKENS.shape[1]

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from tests.test_plotting import check_png  # noqa: E402
+from tests.viz.test_plotting import check_png  # noqa: E402
 from tl_tensorlens._backend import has_hooked_transformer  # noqa: E402
 from tl_tensorlens.cli import main  # noqa: E402
 
@@ -150,7 +150,7 @@ def test_study_defaults_follow_the_checkout(tmp_path):
 
     installed = perturbation.build_parser().parse_args([])
     assert Path(installed.work_dir) == Path("perturbation") and installed.docs is None
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     assert not Path(relations.build_parser().parse_args([]).results).is_absolute()
     # the wrappers run from anywhere (COLUMNS: no wrapped help lines)
     env = {**os.environ, "COLUMNS": "1000"}
@@ -175,7 +175,7 @@ def test_python_dash_m_help():
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert r.returncode == 0 and "explain" in r.stdout
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.models import HAS_HOOKED, encoder_model, hooked_model
+from tests.models import HAS_HOOKED, NO_HOOKED, encoder_model
 from tl_tensorlens.errors import TensorLensError
 from tl_tensorlens.evaluation.perturbation import (
     ClassifierReadout,
@@ -19,8 +19,7 @@ from tl_tensorlens.evaluation.perturbation import (
     summarize,
 )
 
-pytestmark = pytest.mark.skipif(not HAS_HOOKED, reason="tiny HookedTransformer models need TransformerLens < 4")
-
+needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=NO_HOOKED)
 FR = (0.0, 0.1, 0.2, 0.3)
 METHODS = ["attn_rollout", "globenc_mean", "random"]
 BOS, MASK = 0, 3
@@ -34,7 +33,7 @@ def _examples(n=5, seed=0):
     ]
 
 
-def _decoder_setup(masking="replace"):
+def _decoder_setup(decoder, masking="replace"):
     conf = PerturbationConfig(
         fractions=FR,
         masking=masking,
@@ -42,7 +41,7 @@ def _decoder_setup(masking="replace"):
         special_token_ids=(BOS,),
         batch_size=7,
     )
-    return hooked_model("gpt2"), NextTokenReadout(), conf
+    return decoder("gpt2"), NextTokenReadout(), conf
 
 
 def test_rank_positions_orders_and_breaks_ties_by_position():
@@ -53,8 +52,8 @@ def test_rank_positions_orders_and_breaks_ties_by_position():
         rank_positions(torch.tensor([float("nan"), 1.0]), [0, 1], "positive")
 
 
-def test_rows_are_consistent_and_special_tokens_never_masked(tmp_path):
-    model, readout, conf = _decoder_setup()
+def test_rows_are_consistent_and_special_tokens_never_masked(decoder, tmp_path):
+    model, readout, conf = _decoder_setup(decoder)
     seen = []
 
     def spy(model_, state, *, position=None, target=None):
@@ -79,9 +78,9 @@ def test_rows_are_consistent_and_special_tokens_never_masked(tmp_path):
             assert r["correct"] == 1 and r["prob"] == pytest.approx(r["orig_prob"]) and r["hs_mse"] < 1e-20
 
 
-def test_masking_replaces_top_tokens_not_bos():
+def test_masking_replaces_top_tokens_not_bos(decoder):
     """Check the perturbed inputs directly through a recording readout."""
-    model, _, conf = _decoder_setup()
+    model, _, conf = _decoder_setup(decoder)
     batches = []
 
     class Recording(NextTokenReadout):
@@ -101,14 +100,14 @@ def test_masking_replaces_top_tokens_not_bos():
     assert sorted(n_mask) == [0, 1, 1, 2, 2, 3, 3]
 
 
-def test_deletion_masking_runs(tmp_path):
-    model, readout, conf = _decoder_setup("delete")
+def test_deletion_masking_runs(decoder, tmp_path):
+    model, readout, conf = _decoder_setup(decoder, "delete")
     rows = run_perturbation(model, _examples(2), ["attn_mean"], readout, conf, tmp_path / "d.jsonl", progress=False)
     assert len(rows) == 2 * 2 * len(FR)
 
 
-def test_killed_run_resumes_to_the_same_table(tmp_path):
-    model, readout, conf = _decoder_setup()
+def test_killed_run_resumes_to_the_same_table(decoder, tmp_path):
+    model, readout, conf = _decoder_setup(decoder)
     ex = _examples(6)
     full = run_perturbation(model, ex, METHODS, readout, conf, tmp_path / "full.jsonl", progress=False)
 
@@ -140,8 +139,8 @@ def test_killed_run_resumes_to_the_same_table(tmp_path):
     assert again == full and written == [1, 2, 3, 4]
 
 
-def test_configurations_share_a_file_without_mixing(tmp_path):
-    model, readout, conf = _decoder_setup()
+def test_configurations_share_a_file_without_mixing(decoder, tmp_path):
+    model, readout, conf = _decoder_setup(decoder)
     path = tmp_path / "r.jsonl"
     first = run_perturbation(model, _examples(1), ["attn_mean"], readout, conf, path, progress=False)
     other = PerturbationConfig(fractions=(0.0, 0.5), mask_token_id=MASK, special_token_ids=(BOS,))
@@ -153,6 +152,7 @@ def test_configurations_share_a_file_without_mixing(tmp_path):
     assert again == first
 
 
+@needs_hooked
 def test_encoder_classifier_summary_and_plot(tmp_path):
     model = encoder_model()
     gen = torch.Generator().manual_seed(0)

@@ -28,7 +28,7 @@ from tl_tensorlens.subjects.relation_model import RELATIONS, _training_sequence,
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ["bridge", "hooked"] if has_hooked_transformer() else ["bridge"]
 TINY_INDUCTION = InductionConfig(steps=12, d_model=16, n_ctx=16, eval_every=6, eval_seq_lens=(9, 15), eval_n=16)
 TINY_RELATIONS = RelationConfig(steps=6, n_layers=1, d_model=16, n_ctx=48, n_entities=6, eval_every=3)

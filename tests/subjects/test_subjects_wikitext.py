@@ -25,7 +25,7 @@ from tl_tensorlens.subjects.wikitext import BOS_ID, UNK_ID, encode_articles, spl
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ["bridge", "hooked"] if has_hooked_transformer() else ["bridge"]
 TINY = WikiTextConfig(steps=6, d_model=16, n_heads=2, vocab_size=200, n_ctx=16, eval_every=3, eval_windows=8)
 
