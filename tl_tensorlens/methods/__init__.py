@@ -12,6 +12,9 @@ Every registered method has the signature ``fn(model, state, *, position=None, t
   In+Class): ``input_x_gradient``, ``input_x_gradient_l2``, ``integrated_gradients``, ``attnlrp``,
   ``cp_lrp``;
 * ``random``: the control.
+
+Not maps, so not registered: :func:`~tl_tensorlens.methods.dla.component_attribution` (per-head /
+MLP / embedding / bias direct logit attribution with its split over source tokens).
 """
 
 from tl_tensorlens.methods.attention import (
@@ -28,6 +31,7 @@ from tl_tensorlens.methods.attention import (
 )
 from tl_tensorlens.methods.collapses import TENSOR_METHODS, make_tensor_method
 from tl_tensorlens.methods.controls import random_method
+from tl_tensorlens.methods.dla import DLA_UNITS, ComponentAttribution, component_attribution, format_attribution
 from tl_tensorlens.methods.gradients import (
     GRADIENT_METHODS,
     attnlrp,
@@ -86,6 +90,10 @@ __all__ = [
     "ALL_BASELINES",
     "ALTI",
     "BASELINES",
+    "DLA_UNITS",
+    "ComponentAttribution",
+    "component_attribution",
+    "format_attribution",
     "GRADIENT_METHODS",
     "INTRA_LAYER",
     "TENSOR_METHODS",
