@@ -40,11 +40,18 @@ def main() -> None:
     gap = (dla.by_token.sum(-1) + dla.token_bias - dla.values).abs().max()
     print(f"max |by_token.sum + token_bias - value|: {float(gap):.2e}")
     tok_total = dla.by_token.sum(0)
-    print("source-token totals (all components): " + ", ".join(f"{t!s} {float(v):+.3f}" for t, v in zip(labels, tok_total, strict=True)))
+    print(
+        "source-token totals (all components): "
+        + ", ".join(f"{t!s} {float(v):+.3f}" for t, v in zip(labels, tok_total, strict=True))
+    )
     heads = [(k, label) for k, label in enumerate(dla.labels) if "H" in label and "." not in label]
     k_best = max(heads, key=lambda kl: abs(float(dla.values[kl[0]])))[0]
     row = dla.by_token[k_best]
-    print(f"{dla.labels[k_best]} by source token: " + ", ".join(f"{t!s} {float(v):+.3f}" for t, v in zip(labels, row, strict=True)) + f"; bias part {float(dla.token_bias[k_best]):+.3f}")
+    print(
+        f"{dla.labels[k_best]} by source token: "
+        + ", ".join(f"{t!s} {float(v):+.3f}" for t, v in zip(labels, row, strict=True))
+        + f"; bias part {float(dla.token_bias[k_best]):+.3f}"
+    )
     if importlib.util.find_spec("transformer_lens.tools.analysis.direct_logit_attribution") is None:
         print(f"time: component_attribution {t_dla:.1f} s (TL's tool needs TL 4.3)")
         return
@@ -60,13 +67,17 @@ def main() -> None:
     names, vals = ours.grouped("component")
     tl = ref.attribution.reshape(len(ref.labels), -1)[:, 0].double()
     idx = [ref.labels.index(n) for n in names]
-    print(f"compatibility mode: readout {ours.readout:+.4f}; vs TL direct_logit_attribution (unit='component', "
-          f"{len(names)} rows): max |diff| {float((tl[idx] - vals).abs().max()):.2e}, TL total {float(tl.sum()):+.4f} "
-          f"= readout - b_U diff {ours.readout - float(model.b_U[a] - model.b_U[b]):+.4f}")
+    print(
+        f"compatibility mode: readout {ours.readout:+.4f}; vs TL direct_logit_attribution (unit='component', "
+        f"{len(names)} rows): max |diff| {float((tl[idx] - vals).abs().max()):.2e}, TL total {float(tl.sum()):+.4f} "
+        f"= readout - b_U diff {ours.readout - float(model.b_U[a] - model.b_U[b]):+.4f}"
+    )
     ref_h = direct_logit_attribution(model, tokens[None], answer_tokens=a, incorrect_tokens=b, unit="head")
     hn, hv = ours.grouped("head")
     th = ref_h.attribution.reshape(len(ref_h.labels), -1)[:, 0].double()
-    print(f"  unit='head' ({len(hn)} heads): max |diff| {float((th[[ref_h.labels.index(n) for n in hn]] - hv).abs().max()):.2e}")
+    print(
+        f"  unit='head' ({len(hn)} heads): max |diff| {float((th[[ref_h.labels.index(n) for n in hn]] - hv).abs().max()):.2e}"
+    )
     print(f"time: component_attribution with token split {t_dla:.1f} s; TL direct_logit_attribution {t_tl:.1f} s")
 
 

@@ -41,6 +41,11 @@ def add_parser(sub: Any) -> None:
     e.add_argument(
         "--position", type=int, default=-1, help="output position the strip and logit lens read (default: last)"
     )
+    e.add_argument(
+        "--answer",
+        default=None,
+        help="decoders: an expected answer, e.g. ' Paris': the report gives its rank and probability",
+    )
     e.add_argument("--backend", default="auto", choices=["auto", "hooked", "bridge"])
     e.add_argument("--dtype", default="float32", choices=DTYPES)
     e.add_argument("--no-layers", action="store_true", help="skip the per-block maps")
@@ -61,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("give --prompt or --tokens, not both")
     if args.prompt is not None and not args.prompt.strip():
         raise CliError("--prompt is empty")
+    if args.answer is not None and not args.answer:
+        raise CliError("--answer is empty")
     ids = None if args.tokens is None else parse_ids(args.tokens)  # before the (slow) model load
     from tl_tensorlens.viz.plots import has_matplotlib
 
@@ -84,11 +91,18 @@ def run(args: argparse.Namespace) -> int:
         interactive=False if args.no_interactive else None,
         verify=not args.no_verify,
         pictures=pictures,
+        answer=args.answer,
     )
     print(
         f"{label}: {n} tokens; position {rep.position} ('{rep.tokens[rep.position]}')"
         + (f" predicts '{rep.prediction}'" if rep.prediction else "")
     )
+    if args.answer is not None:
+        import json
+
+        summary = json.loads((out / "maps.json").read_text()).get("prediction_summary") or {}
+        for r in summary.get("answer_ranks", []):
+            print(f"answer {r['token']!r}: rank {r['rank']}, prob {100 * r['prob']:.2f}%")
     for note in rep.notes:
         print(f"note: {note}")
     print(f"wrote {len(rep.files)} files to {out}: {', '.join(rep.files)}")

@@ -14,7 +14,8 @@ Every registered method has the signature ``fn(model, state, *, position=None, t
 * ``random``: the control.
 
 Not maps, so not registered: :func:`~tl_tensorlens.methods.dla.component_attribution` (per-head /
-MLP / embedding / bias direct logit attribution with its split over source tokens).
+MLP / embedding / bias direct logit attribution with its split over source tokens) and
+:func:`~tl_tensorlens.methods.jlens.compare_jlens` (the frozen transport beside TL's Jacobian lens).
 """
 
 from tl_tensorlens.methods.attention import (
@@ -41,6 +42,7 @@ from tl_tensorlens.methods.gradients import (
     integrated_gradients,
     make_integrated_gradients,
 )
+from tl_tensorlens.methods.jlens import JLensLayer, compare_jlens, format_jlens_table, lens_readout, transport_matrix
 from tl_tensorlens.methods.registry import (
     MethodInfo,
     RelevanceMethod,
@@ -92,6 +94,11 @@ __all__ = [
     "BASELINES",
     "DLA_UNITS",
     "ComponentAttribution",
+    "JLensLayer",
+    "compare_jlens",
+    "format_jlens_table",
+    "lens_readout",
+    "transport_matrix",
     "component_attribution",
     "format_attribution",
     "GRADIENT_METHODS",

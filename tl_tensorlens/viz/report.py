@@ -138,6 +138,7 @@ def explain(
     interactive: bool | None = None,
     verify: bool = True,
     pictures: bool | None = None,
+    answer: str | None = None,
 ) -> ExplainReport:
     """Explain one prompt: every map, pictures, an HTML page and JSON, written under ``out``.
 
@@ -159,6 +160,8 @@ def explain(
             the report. ``verify=False`` skips the check and says so in the report.
         pictures: write the PNGs (matplotlib, the ``plot`` extra). None: when matplotlib is installed;
             without it ``index.html`` and ``maps.json`` are still written, with a note.
+        answer: decoders: an expected answer string (e.g. ``" Paris"``) whose rank the prediction
+            summary reports beside the top-10 tokens (:func:`~tl_tensorlens.viz.summary.prediction_summary`).
 
     Returns:
         An :class:`ExplainReport`.
@@ -330,7 +333,22 @@ def explain(
 
     (out / "index.html").write_text(_index_html(out, payload, [f for f in files if f.endswith(".png")], interactive))
     files.append("index.html")
+    if decoder:
+        _add_prediction_summary(out, model, state, p, answer)
     return ExplainReport(out, tuple(files), tuple(tokens), maps, p, pred_label, tuple(notes))
+
+
+def _add_prediction_summary(out: Path, model: Any, state: Any, position: int, answer: str | None) -> None:
+    """Add the ``test_prompt``-style summary (top-10, rank of ``answer``) to ``maps.json`` and ``index.html``."""
+    from tl_tensorlens.viz.summary import prediction_summary
+
+    summary = prediction_summary(model, state, position=position, k=10, answer=answer)
+    data = json.loads((out / "maps.json").read_text())
+    data["prediction_summary"] = summary.to_json()
+    (out / "maps.json").write_text(json.dumps(data))
+    page = (out / "index.html").read_text()
+    page = page.replace("<h2>Explore</h2>", summary.to_html() + "<h2>Explore</h2>", 1)
+    (out / "index.html").write_text(page)
 
 
 _CSS = """
