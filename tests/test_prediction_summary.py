@@ -28,7 +28,9 @@ def test_top_k_and_answer_rank(induction):
     probs = logits.softmax(-1)
     s = prediction_summary(model, PROMPT, k=5, answer=" t35 t43")
     assert list(s.top_ids) == logits.topk(5).indices.tolist()
-    torch.testing.assert_close(torch.tensor(s.top_probs, dtype=torch.float64), probs[list(s.top_ids)], rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(s.top_probs, dtype=torch.float64), probs[list(s.top_ids)], rtol=1e-9, atol=0
+    )
     assert all(a >= b for a, b in zip(s.top_probs, s.top_probs[1:], strict=False))
     first, second = s.answer_ranks
     assert first.token_id == model.to_single_token(" t35") and first.position == tokens.shape[-1] - 1
