@@ -53,7 +53,7 @@ def main() -> None:
         + f"; bias part {float(dla.token_bias[k_best]):+.3f}"
     )
     if importlib.util.find_spec("transformer_lens.tools.analysis.direct_logit_attribution") is None:
-        print(f"time: component_attribution {t_dla:.1f} s (TL's tool needs TL 4.3)")
+        print(f"time: component_attribution {t_dla:.1f} s (this TransformerLens has no direct_logit_attribution tool)")
         return
     from transformer_lens.tools.analysis.direct_logit_attribution import direct_logit_attribution
 

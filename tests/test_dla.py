@@ -51,7 +51,10 @@ def test_sums_exactly_and_token_split_is_the_in_class_collapse(kind, incorrect):
     assert "sum" in format_attribution(dla, top=3)
 
 
-@pytest.mark.skipif(not HAS_TL_DLA, reason="TL's direct_logit_attribution tool ships with TransformerLens 4.3+")
+@pytest.mark.skipif(
+    not HAS_TL_DLA,
+    reason="this TransformerLens has no tools.analysis.direct_logit_attribution (TL 3.9 and 4.3 ship it)",
+)
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
 def test_matches_transformer_lens_direct_logit_attribution(family):
     """On a bridge in compatibility mode (TL's tool requires it) both compute g · comp_c with the

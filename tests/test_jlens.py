@@ -56,7 +56,9 @@ def test_bad_arguments():
         transport_matrix(model, state, 0, skip_first_positions=state.n_pos)
 
 
-@pytest.mark.skipif(not HAS_JLENS, reason="TL's JacobianLens ships with TransformerLens 4.3+")
+@pytest.mark.skipif(
+    not HAS_JLENS, reason="this TransformerLens has no tools.analysis.jacobian_lens (TL 3.9 and 4.3 ship it)"
+)
 def test_against_transformer_lens_jacobian_lens():
     """Fit TL's J-lens on the induction subject's prompts; our true-Jacobian estimator reproduces it,
     the frozen summary differs from it, and the exact transport reproduces the model."""
