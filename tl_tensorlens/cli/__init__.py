@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tl_tensorlens import __version__
 from tl_tensorlens.cli import attribute, explain, listing, studies
 from tl_tensorlens.cli._common import DEFAULT_PROMPT, PROG, Parser, load_model
 from tl_tensorlens.errors import CliError, TensorLensError
@@ -28,6 +29,7 @@ def _parser() -> Parser:
         prog=PROG,
         description="TensorLens for TransformerLens: explain a prompt through the model's exact linear operator.",
     )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub: Any = p.add_subparsers(dest="command", parser_class=Parser, metavar="{" + ",".join(COMMANDS) + "}")
     explain.add_parser(sub)
     attribute.add_parser(sub)

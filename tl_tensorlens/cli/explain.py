@@ -3,9 +3,12 @@
 See :func:`tl_tensorlens.viz.report.explain`. The model is ``default`` (the committed induction
 checkpoint, no network needed), a named subject, a local Hugging Face checkpoint folder, or a hub name
 (needs the hub). The replay is verified on the prompt first; a model it cannot reproduce exits 2.
+Without matplotlib (the ``plot`` extra) it says so before loading the model and writes
+``index.html`` and ``maps.json`` without pictures.
 """
 
 import argparse
+import sys
 from typing import Any
 
 from tl_tensorlens.cli._common import (
@@ -38,6 +41,11 @@ def add_parser(sub: Any) -> None:
     e.add_argument(
         "--position", type=int, default=-1, help="output position the strip and logit lens read (default: last)"
     )
+    e.add_argument(
+        "--answer",
+        default=None,
+        help="decoders: an expected answer, e.g. ' Paris': the report gives its rank and probability",
+    )
     e.add_argument("--backend", default="auto", choices=["auto", "hooked", "bridge"])
     e.add_argument("--dtype", default="float32", choices=DTYPES)
     e.add_argument("--no-layers", action="store_true", help="skip the per-block maps")
@@ -49,7 +57,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tl_tensorlens.viz.report import DEFAULT_METHODS, explain, resolve_methods
+    from tl_tensorlens.viz.report import DEFAULT_METHODS, NO_PICTURES_NOTE, explain, resolve_methods
 
     raw = list(DEFAULT_METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = resolve_methods(raw)  # before the (slow) model load
@@ -58,7 +66,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("give --prompt or --tokens, not both")
     if args.prompt is not None and not args.prompt.strip():
         raise CliError("--prompt is empty")
+    if args.answer is not None and not args.answer:
+        raise CliError("--answer is empty")
     ids = None if args.tokens is None else parse_ids(args.tokens)  # before the (slow) model load
+    from tl_tensorlens.viz.plots import has_matplotlib
+
+    pictures = has_matplotlib()  # before the (slow) model load: without it, HTML and JSON only
+    if not pictures:
+        print(f"note: {NO_PICTURES_NOTE}; writing index.html and maps.json only", file=sys.stderr)
     model, label = load_model(args.model, backend=args.backend, dtype=args.dtype)
     tokens = prompt_tokens(model, args.prompt, ids, args.model in (DEFAULT_MODEL, DEFAULT_SUBJECT))
     n = int(tokens.shape[-1])
@@ -75,11 +90,19 @@ def run(args: argparse.Namespace) -> int:
         per_head=not args.no_heads,
         interactive=False if args.no_interactive else None,
         verify=not args.no_verify,
+        pictures=pictures,
+        answer=args.answer,
     )
     print(
         f"{label}: {n} tokens; position {rep.position} ('{rep.tokens[rep.position]}')"
         + (f" predicts '{rep.prediction}'" if rep.prediction else "")
     )
+    if args.answer is not None:
+        import json
+
+        summary = json.loads((out / "maps.json").read_text()).get("prediction_summary") or {}
+        for r in summary.get("answer_ranks", []):
+            print(f"answer {r['token']!r}: rank {r['rank']}, prob {100 * r['prob']:.2f}%")
     for note in rep.notes:
         print(f"note: {note}")
     print(f"wrote {len(rep.files)} files to {out}: {', '.join(rep.files)}")

@@ -12,6 +12,10 @@ Every registered method has the signature ``fn(model, state, *, position=None, t
   In+Class): ``input_x_gradient``, ``input_x_gradient_l2``, ``integrated_gradients``, ``attnlrp``,
   ``cp_lrp``;
 * ``random``: the control.
+
+Not maps, so not registered: :func:`~tl_tensorlens.methods.dla.component_attribution` (per-head /
+MLP / embedding / bias direct logit attribution with its split over source tokens) and
+:func:`~tl_tensorlens.methods.jlens.compare_jlens` (the frozen transport beside TL's Jacobian lens).
 """
 
 from tl_tensorlens.methods.attention import (
@@ -33,6 +37,7 @@ from tl_tensorlens.methods.collapses import (
     make_tensor_method,
 )
 from tl_tensorlens.methods.controls import random_method
+from tl_tensorlens.methods.dla import DLA_UNITS, ComponentAttribution, component_attribution, format_attribution
 from tl_tensorlens.methods.gradients import (
     GRADIENT_METHODS,
     attnlrp,
@@ -42,6 +47,7 @@ from tl_tensorlens.methods.gradients import (
     integrated_gradients,
     make_integrated_gradients,
 )
+from tl_tensorlens.methods.jlens import JLensLayer, compare_jlens, format_jlens_table, lens_readout, transport_matrix
 from tl_tensorlens.methods.registry import (
     MethodInfo,
     RelevanceMethod,
@@ -97,6 +103,15 @@ __all__ = [
     "ALL_BASELINES",
     "ALTI",
     "BASELINES",
+    "DLA_UNITS",
+    "ComponentAttribution",
+    "JLensLayer",
+    "compare_jlens",
+    "format_jlens_table",
+    "lens_readout",
+    "transport_matrix",
+    "component_attribution",
+    "format_attribution",
     "GRADIENT_METHODS",
     "INTRA_LAYER",
     "RANDOMIZED_NORM",

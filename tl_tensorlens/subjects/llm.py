@@ -697,7 +697,9 @@ def bridge_from_folder(folder: str | Path, hf: Any, tokenizer: Any, dtype: torch
     with the hub switched off: with a model and a tokenizer given it reads nothing from the hub.
     Falls back to the private ``build_bridge_from_module`` (TL's internal builder, what
     ``boot_transformers`` itself calls) only if the public loader raises; the fallback is reported
-    with a warning so it is never silent.
+    with a warning so it is never silent. Remove the fallback (as the one in
+    :func:`tl_tensorlens._backend.bridge_from_hf`) once the supported TL lines all load these
+    folders through ``boot_transformers``: on TL 3.9 and 4.3 it has not been needed.
 
     Args:
         folder: the Hugging Face folder the model was loaded from (its name for TL).

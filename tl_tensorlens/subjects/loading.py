@@ -1,9 +1,11 @@
 """Load a Hugging Face checkpoint folder from disk into TransformerLens, with no network access.
 
-TransformerLens' own loaders (``HookedTransformer.from_pretrained``, ``HookedEncoder.from_pretrained``,
-``TransformerBridge.boot_transformers``) resolve names against the model hub, which this project
-cannot reach. :func:`load_local` reads a saved folder (``config.json``, ``model.safetensors``,
-tokenizer files) with ``transformers`` and hands the in-memory model to TransformerLens:
+``HookedTransformer.from_pretrained`` / ``HookedEncoder.from_pretrained`` resolve names against the
+model hub, which this project cannot reach; ``TransformerBridge.boot_transformers`` loads a local
+folder offline (``boot_transformers("/local/dir")``, or ``boot_transformers(folder, hf_model=hf,
+tokenizer=tok)`` with ``HF_HUB_OFFLINE=1``; docs/tl4.md). :func:`load_local` reads a saved folder
+(``config.json``, ``model.safetensors``, tokenizer files) with ``transformers`` and hands the
+in-memory model to TransformerLens:
 
 * ``backend="hooked"`` (TransformerLens 3.x only): decoders become a ``HookedTransformer`` through
   TL's weight converters, BERT encoders a ``HookedEncoder``. Weights are loaded **unprocessed**

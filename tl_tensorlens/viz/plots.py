@@ -589,6 +589,16 @@ def plot_relation_results(
 # ---------------------------------------------------------------------------------------------
 
 
+def has_matplotlib() -> bool:
+    """True when matplotlib can be imported (checked by importing it; it is never imported at module
+    import time, and a broken install counts as missing)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def has_circuitsvis() -> bool:
     """True when circuitsvis can be imported (it is never imported at module import time)."""
     import importlib.util
@@ -693,6 +703,7 @@ def maps_to_json(maps: Mapping[str, Any]) -> str:
 __all__ = [
     "attention_html",
     "has_circuitsvis",
+    "has_matplotlib",
     "maps_to_json",
     "plot_component_patching",
     "plot_logit_lens",

@@ -111,6 +111,24 @@ def _finite(a: Tensor) -> list[list[float | None]]:
     return [[None if not math.isfinite(v) else float(v) for v in row] for row in a.detach().double().cpu().tolist()]
 
 
+NO_PICTURES_NOTE = "no PNG pictures: matplotlib is not installed (pip install 'tl-tensorlens[plot]')"
+
+
+class _NoPictures:
+    """Stands in for :mod:`tl_tensorlens.viz.plots` when pictures are off: ``plot_*`` return None."""
+
+    def __init__(self, plots: Any):
+        self._plots = plots
+
+    def has_circuitsvis(self) -> bool:
+        return self._plots.has_circuitsvis()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("plot_"):
+            return lambda *args, **kwargs: None
+        return getattr(self._plots, name)
+
+
 def explain(
     model: Any,
     prompt: Any,
@@ -124,6 +142,8 @@ def explain(
     logit_lens: bool = True,
     interactive: bool | None = None,
     verify: bool = True,
+    pictures: bool | None = None,
+    answer: str | None = None,
 ) -> ExplainReport:
     """Explain one prompt: every map, pictures, an HTML page and JSON, written under ``out``.
 
@@ -143,6 +163,10 @@ def explain(
             (the tensor maps would be wrong otherwise): a failure raises
             :class:`~tl_tensorlens.errors.VerificationError` and nothing is written. The numbers go into
             the report. ``verify=False`` skips the check and says so in the report.
+        pictures: write the PNGs (matplotlib, the ``plot`` extra). None: when matplotlib is installed;
+            without it ``index.html`` and ``maps.json`` are still written, with a note.
+        answer: decoders: an expected answer string (e.g. ``" Paris"``) whose rank the prediction
+            summary reports beside the top-10 tokens (:func:`~tl_tensorlens.viz.summary.prediction_summary`).
 
     Returns:
         An :class:`ExplainReport`.
@@ -150,7 +174,7 @@ def explain(
     Raises:
         ArgumentError: unknown method, position out of range.
         VerificationError: the replay does not reproduce the model on this prompt (or is not finite).
-        MissingDependencyError: matplotlib (the ``plot`` extra) is missing.
+        MissingDependencyError: ``pictures=True`` and matplotlib (the ``plot`` extra) is missing.
 
     Example:
         >>> import tempfile, torch
@@ -164,12 +188,15 @@ def explain(
         >>> "index.html" in rep.files and "maps.json" in rep.files
         True
     """
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise MissingDependencyError("explain needs matplotlib: pip install 'tl-tensorlens[plot]'") from e
     from tl_tensorlens.methods import get_method, method_info
     from tl_tensorlens.viz import plots as plotting
+
+    if pictures is None:
+        pictures = plotting.has_matplotlib()
+    elif pictures and not plotting.has_matplotlib():
+        raise MissingDependencyError("explain(pictures=True) needs matplotlib: pip install 'tl-tensorlens[plot]'")
+    if not pictures:
+        plotting = _NoPictures(plotting)  # every plot_* call returns None; save() skips it
 
     methods = resolve_methods(methods)
     out = Path(out)
@@ -179,7 +206,7 @@ def explain(
 
     p = as_position("position", position, n)
     decoder = has_unembedding(model)
-    notes: list[str] = []
+    notes: list[str] = [] if pictures else [NO_PICTURES_NOTE]
     check_json: dict[str, Any] | None = None
     if verify:
         (check,) = verify_replay(model, state, outputs=(default_output(model),))
@@ -213,6 +240,8 @@ def explain(
     files: list[str] = []
 
     def save(fig: Any, name: str) -> None:
+        if fig is None:  # pictures off
+            return
         fig.savefig(out / name, dpi=110)
         files.append(name)
 
@@ -309,7 +338,22 @@ def explain(
 
     (out / "index.html").write_text(_index_html(out, payload, [f for f in files if f.endswith(".png")], interactive))
     files.append("index.html")
+    if decoder:
+        _add_prediction_summary(out, model, state, p, answer)
     return ExplainReport(out, tuple(files), tuple(tokens), maps, p, pred_label, tuple(notes))
+
+
+def _add_prediction_summary(out: Path, model: Any, state: Any, position: int, answer: str | None) -> None:
+    """Add the ``test_prompt``-style summary (top-10, rank of ``answer``) to ``maps.json`` and ``index.html``."""
+    from tl_tensorlens.viz.summary import prediction_summary
+
+    summary = prediction_summary(model, state, position=position, k=10, answer=answer)
+    data = json.loads((out / "maps.json").read_text())
+    data["prediction_summary"] = summary.to_json()
+    (out / "maps.json").write_text(json.dumps(data))
+    page = (out / "index.html").read_text()
+    page = page.replace("<h2>Explore</h2>", summary.to_html() + "<h2>Explore</h2>", 1)
+    (out / "index.html").write_text(page)
 
 
 _CSS = """
