@@ -44,6 +44,16 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--no-heads", action="store_true", help="skip the per-head maps")
     e.add_argument("--no-interactive", action="store_true", help="skip interactive.html (circuitsvis)")
     e.add_argument(
+        "--sink",
+        default="auto",
+        choices=["auto", "first", "include"],
+        help="positions drawn apart from the colour scales: 'auto' (default: the first position and every "
+        "detected attention sink), 'first', or 'include' (one scale for all); their values stay in maps.json",
+    )
+    e.add_argument(
+        "--top-heads", type=int, default=12, help="heads in the ranked head view (by contribution to the prediction)"
+    )
+    e.add_argument(
         "--no-verify", action="store_true", help="skip the replay check (the report then says the maps are unverified)"
     )
 
@@ -59,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise CliError("--prompt is empty")
     ids = None if args.tokens is None else parse_ids(args.tokens)  # before the (slow) model load
+    if args.top_heads < 1:
+        raise CliError(f"--top-heads must be at least 1, got {args.top_heads}")
     model, label = load_model(args.model, backend=args.backend, dtype=args.dtype)
     tokens = prompt_tokens(model, args.prompt, ids, args.model in (DEFAULT_MODEL, DEFAULT_SUBJECT))
     n = int(tokens.shape[-1])
@@ -75,11 +87,23 @@ def run(args: argparse.Namespace) -> int:
         per_head=not args.no_heads,
         interactive=False if args.no_interactive else None,
         verify=not args.no_verify,
+        sink=args.sink,
+        top_heads=args.top_heads,
     )
     print(
         f"{label}: {n} tokens; position {rep.position} ('{rep.tokens[rep.position]}')"
         + (f" predicts '{rep.prediction}'" if rep.prediction else "")
     )
+    if rep.sinks:
+        print(
+            f"drawn apart from the colour scales (--sink {args.sink}): "
+            + ", ".join(f"{j} ('{rep.tokens[j]}')" for j in rep.sinks)
+        )
+    if rep.top_heads:
+        print(
+            "top heads by contribution to the prediction: "
+            + ", ".join(f"L{layer}H{h} {c:+.3g}" for layer, h, c in rep.top_heads[:5])
+        )
     for note in rep.notes:
         print(f"note: {note}")
     print(f"wrote {len(rep.files)} files to {out}: {', '.join(rep.files)}")

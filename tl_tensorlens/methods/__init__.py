@@ -37,6 +37,7 @@ from tl_tensorlens.methods.gradients import (
     integrated_gradients,
     make_integrated_gradients,
 )
+from tl_tensorlens.methods.heads import HeadContributions, attention_received, detect_sinks, head_contributions
 from tl_tensorlens.methods.registry import (
     MethodInfo,
     RelevanceMethod,
@@ -87,13 +88,17 @@ __all__ = [
     "ALTI",
     "BASELINES",
     "GRADIENT_METHODS",
+    "HeadContributions",
     "INTRA_LAYER",
     "TENSOR_METHODS",
     "MethodInfo",
     "RelevanceMethod",
+    "attention_received",
     "attnlrp",
     "cp_lrp",
+    "detect_sinks",
     "get_method",
+    "head_contributions",
     "input_x_gradient",
     "input_x_gradient_l2",
     "integrated_gradients",
