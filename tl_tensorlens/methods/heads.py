@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_tensorlens._backend import default_output, has_unembedding
+from tl_tensorlens._backend import OutputPoint, default_output, has_unembedding
 from tl_tensorlens._checks import as_position, as_token_ids
 from tl_tensorlens.capture import FrozenState, capture
 from tl_tensorlens.errors import ArgumentError
@@ -42,6 +42,8 @@ class HeadContributions:
         contributions: ``[layer, head]``: ``y``'s part that passes through each head.
         by_source: ``[layer, head, pos_in]``: the contribution split over the head's source positions
             (sums over ``pos_in`` to ``contributions``).
+        by_edge: with ``edges=True``, ``[layer, head, dest_pos, src_pos]``: the split over every
+            attention edge ``k ← j`` of the head (sums over ``dest_pos`` to ``by_source``); else None.
     """
 
     position: int
@@ -49,6 +51,7 @@ class HeadContributions:
     value: float
     contributions: Float[Tensor, "layer head"]
     by_source: Float[Tensor, "layer head pos_in"]
+    by_edge: Float[Tensor, "layer head dest_pos src_pos"] | None = None
 
     def top(self, k: int = 10, *, by: str = "abs") -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest contribution: ``[(layer, head, contribution), ...]``.
@@ -66,7 +69,7 @@ class HeadContributions:
         return [(int(i) // n_heads, int(i) % n_heads, float(c.reshape(-1)[i])) for i in order]
 
 
-def _readout(model: Any, token: Any, direction: Any, d_out: int) -> tuple[str, int | None, Tensor | None]:
+def _readout(model: Any, token: Any, direction: Any, d_out: int) -> tuple[OutputPoint, int | None, Tensor | None]:
     if (token is None) == (direction is None):
         raise ArgumentError("token/direction", (token, direction), "exactly one of token= and direction=")
     if token is not None:
@@ -88,6 +91,7 @@ def head_contributions(
     position: int = -1,
     token: int | None = None,
     direction: Float[Tensor, " d_out"] | None = None,
+    edges: bool = False,
 ) -> HeadContributions:
     """Each head's contribution to one logit (or readout) through the frozen model, with its sources.
 
@@ -100,6 +104,7 @@ def head_contributions(
         token: explain this token's logit (decoders).
         direction: or explain ``directionᵀ`` (the default output: ``ln_final`` of a decoder, the last
             block's output of an encoder) at ``position``.
+        edges: also keep the split over every attention edge (``by_edge``, ``layer·head·pos²`` values).
 
     Returns:
         A :class:`HeadContributions`.
@@ -153,7 +158,7 @@ def head_contributions(
             raise ArgumentError("model", type(model).__name__, "a model whose output hook fires")
         y = out[0, p, tok] if tok is not None else (out[0, p] * u.to(out)).sum()  # type: ignore[union-attr]
         grads = torch.autograd.grad(y, probes, allow_unused=True)
-    contrib, by_source = [], []
+    contrib, by_source, by_edge = [], [], []
     for layer, (name, g) in enumerate(zip(z_names, grads, strict=True)):
         z = state.activations[name][0]  # [pos, head, d_head]
         g = torch.zeros_like(z) if g is None else g[0].to(z)
@@ -162,8 +167,10 @@ def head_contributions(
             v = v.repeat_interleave(z.shape[1] // v.shape[1], dim=1)
         pattern = state.pattern(layer).to(z)  # [head, dest, src]
         # C[h, j] = Σ_k A[h, k, j] · g[k, h]·v[j, h]
-        gv = torch.einsum("khd,jhd->hkj", g, v.to(z))
-        by_source.append((pattern * gv).sum(1))
+        edge = pattern * torch.einsum("khd,jhd->hkj", g, v.to(z))
+        by_source.append(edge.sum(1))
+        if edges:
+            by_edge.append(edge)
         contrib.append((g * z).sum(dim=(0, 2)))
     return HeadContributions(
         position=p,
@@ -171,6 +178,7 @@ def head_contributions(
         value=float(y.detach()),
         contributions=torch.stack(contrib).detach(),
         by_source=torch.stack(by_source).detach(),
+        by_edge=torch.stack(by_edge).detach() if edges else None,
     )
 
 

@@ -158,7 +158,10 @@ def _draw_map(
     mask_upper: bool | None,
     ticks: bool = True,
     apart: Sequence[int] = (),
+    shared: Any = None,
 ) -> Any:
+    """Draw one map; ``shared`` is a ``(norm, cmap name)`` that replaces the map's own scale (and
+    its colour bar, drawn once by the caller). Returns the image."""
     import numpy as np
 
     a = a.astype(float).copy()
@@ -169,7 +172,7 @@ def _draw_map(
         a[np.triu_indices(n_in, 1)] = np.nan
     apart = [c for c in apart if 0 <= c < n_in]
     kept = _kept(a, apart)
-    norm, cmap_name = _norm_for(kept, signed)
+    norm, cmap_name = _norm_for(kept, signed) if shared is None else shared
     import matplotlib
 
     cmap = matplotlib.colormaps[cmap_name].with_extremes(bad="#d9d9d9")
@@ -185,11 +188,12 @@ def _draw_map(
         ax.set_xticks([])
         ax.set_yticks([])
     ax.set_title(title, fontsize=9)
-    cb = fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02)
-    cb.ax.tick_params(labelsize=7)
-    if cbar_label:
-        cb.set_label(cbar_label, fontsize=7)
-    return norm
+    if shared is None:
+        cb = fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02)
+        cb.ax.tick_params(labelsize=7)
+        if cbar_label:
+            cb.set_label(cbar_label, fontsize=7)
+    return im
 
 
 def plot_map(
@@ -253,6 +257,7 @@ def plot_map_grid(
     signed: bool | None = None,
     apart: Sequence[int] = (),
     cell: float | None = None,
+    shared_scale: bool = False,
 ) -> Any:
     """A grid of N×N maps (per layer, per head, per method), each with its own colour bar.
 
@@ -268,6 +273,7 @@ def plot_map_grid(
         signed: see :func:`plot_map`.
         apart: see :func:`plot_map`.
         cell: inches per panel (default grows with the prompt).
+        shared_scale: one colour scale (and one colour bar) for all panels, so they compare.
 
     Example:
         >>> import torch
@@ -290,13 +296,19 @@ def plot_map_grid(
     cell = cell or min(4.2, 2.2 + 0.11 * n)
     fig = Figure(figsize=(ncols * (cell + 0.9), nrows * cell + (0.5 if title else 0)), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
+    shared = None
+    if shared_scale:
+        import numpy as np
+
+        shared = _norm_for(np.stack([_kept(a.astype(float), apart) for a in arrays]), signed)
+    im = None
     for idx in range(nrows * ncols):
         ax = axes[idx // ncols][idx % ncols]
         if idx >= k:
             ax.set_axis_off()
             continue
         a = arrays[idx]
-        _draw_map(
+        im = _draw_map(
             fig,
             ax,
             a,
@@ -307,6 +319,7 @@ def plot_map_grid(
             signed=signed,
             mask_upper=None,
             apart=apart,
+            shared=shared,
         )
         fs = _fontsize(n) * 0.85
         last_in_col = idx + ncols >= k
@@ -317,6 +330,11 @@ def plot_map_grid(
             ax.set_xlabel("")
         if idx % ncols:
             ax.set_ylabel("")
+    if shared is not None and im is not None:
+        cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02)
+        cb.ax.tick_params(labelsize=7)
+        if cbar_label:
+            cb.set_label(cbar_label + (" (without ⚓)" if apart else ""), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
@@ -771,6 +789,7 @@ def plot_top_heads(
     apart: Sequence[int] = (),
     cbar_label: str = "contribution via each source token",
     signed: bool | None = True,
+    xlabel: str = "source token",
 ) -> Any:
     """Ranked heads as stacked strips: one row per head (e.g. its contribution split over source
     tokens), all on one shared colour scale so rows compare; ``apart`` columns as in
@@ -804,9 +823,7 @@ def plot_top_heads(
                 ax.text(c, r, f"{a[r, c]:+.2g}", ha="center", va="center", fontsize=6, color="black")
     ax.set_yticks(range(a.shape[0]), labels=list(labels), fontsize=8)
     ax.set_xticks(range(n), labels=_labels(tokens, apart), rotation=90, fontsize=_fontsize(n))
-    ax.set_xlabel(
-        "source token" + (f"  ({SINK_MARK}: drawn apart, value written in the cell)" if apart else ""), fontsize=8
-    )
+    ax.set_xlabel(xlabel + (f"  ({SINK_MARK}: drawn apart, value written in the cell)" if apart else ""), fontsize=8)
     ax.set_title(title, fontsize=9)
     cb = fig.colorbar(im, ax=ax, pad=0.01, fraction=0.03)
     cb.set_label(cbar_label + (" (without ⚓)" if apart else ""), fontsize=7)

@@ -307,10 +307,12 @@ def explain(
                     tokens,
                     labels=[f"block {layer}" for layer in range(state.n_layers)],
                     title=f"per-block tensor at position {p} ('{plotting.display_label(tokens[p])}'), Norm collapse "
-                    "‖T_l[p,:,j,:]‖_F (each block's input → its output, skip connection included)",
-                    apart=sinks,
+                    "‖T_l[p,:,j,:]‖_F (each block's input → its output; the read position itself, which holds "
+                    "the skip connection, drawn apart too)",
+                    apart=sorted({*sinks, p}),
                     signed=False,
                     cbar_label="Frobenius norm",
+                    xlabel="input token",
                 ),
                 "layers.png",
             )
@@ -419,6 +421,7 @@ def explain(
                     cbar_label="Frobenius norm",
                     apart=sinks,
                     cell=min(3.2, 2.0 + 0.07 * n),
+                    shared_scale=True,
                 )
                 fig.savefig(out / name, dpi=80)
                 files.append(name)
