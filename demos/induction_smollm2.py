@@ -108,17 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     top_attn, top_tensor = top(attn_score), top(tensor_score)
     overlap = len(set(top_attn) & set(top_tensor))
-    rho_top = spearman(
-        torch.tensor([attn_score[h] for h in top_attn + top_tensor]),
-        torch.tensor([tensor_score[h] for h in top_attn + top_tensor]),
-    )
+    union = sorted(set(top_attn) | set(top_tensor))
+    rho_top = spearman(torch.tensor([attn_score[h] for h in union]), torch.tensor([tensor_score[h] for h in union]))
     elapsed = time.perf_counter() - t0
     print(
         f"{args.model}: {args.n_seq} random sequences A A with |A| = {S}; next-token accuracy on the second copy "
         f"{correct}/{count} (induction at work)"
     )
     print(f"Spearman rank agreement over all {n_layers * n_heads} heads (TL induction score vs tensor): {rho:.3f}")
-    print(f"top {args.top} overlap: {overlap}/{args.top}")
+    print(
+        f"top {args.top} overlap: {overlap}/{args.top}; Spearman over the {len(union)} heads in either top: {rho_top:.3f}"
+    )
     print(f"{'rank':>4}  {'by TL induction score':<34}  {'by tensor contribution to the copied logit':<44}")
     for r, (a, b) in enumerate(zip(top_attn, top_tensor, strict=True)):
         la = f"L{a[0]}H{a[1]} attn {attn_score[a]:.3f} (tensor {tensor_score[a]:+.3f})"
@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{r + 1:>4}  {la:<34}  {lb:<44}")
     attends_no_copy = [h for h in top_attn if h not in top_tensor]
     print(
-        "attend to the induction source but do not move the copied token's logit: "
+        "in TL's top but not the tensor's (attend to the induction source, but move the copied token's logit "
+        "little, or down): "
         + (", ".join(f"L{a}H{b} ({tensor_score[a, b]:+.3f})" for a, b in attends_no_copy) or "none")
     )
     print(f"elapsed {elapsed:.0f} s")

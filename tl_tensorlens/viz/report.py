@@ -417,7 +417,9 @@ def explain(
                     tokens,
                     titles=[head_title(layer, h) for h in range(n_heads)],
                     ncols=ncols,
-                    title=f"layer {layer}: " + head_title_text + apart_note,
+                    title=f"layer {layer}: per-head |A_h[i,j]|·‖W_V W_O‖_F, one colour scale"
+                    + (" (brackets: contribution to the logit)" if hc is not None else "")
+                    + ("; ⚓ drawn apart" if sinks else ""),
                     cbar_label="Frobenius norm",
                     apart=sinks,
                     cell=min(3.2, 2.0 + 0.07 * n),
