@@ -52,6 +52,16 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--no-heads", action="store_true", help="skip the per-head maps")
     e.add_argument("--no-interactive", action="store_true", help="skip interactive.html (circuitsvis)")
     e.add_argument(
+        "--sink",
+        default="auto",
+        choices=["auto", "first", "include"],
+        help="positions drawn apart from the colour scales: 'auto' (default: the first position and every "
+        "detected attention sink), 'first', or 'include' (one scale for all); their values stay in maps.json",
+    )
+    e.add_argument(
+        "--top-heads", type=int, default=12, help="heads in the ranked head view (by contribution to the prediction)"
+    )
+    e.add_argument(
         "--no-verify", action="store_true", help="skip the replay check (the report then says the maps are unverified)"
     )
 
@@ -74,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     pictures = has_matplotlib()  # before the (slow) model load: without it, HTML and JSON only
     if not pictures:
         print(f"note: {NO_PICTURES_NOTE}; writing index.html and maps.json only", file=sys.stderr)
+    if args.top_heads < 1:
+        raise CliError(f"--top-heads must be at least 1, got {args.top_heads}")
     model, label = load_model(args.model, backend=args.backend, dtype=args.dtype)
     tokens = prompt_tokens(model, args.prompt, ids, args.model in (DEFAULT_MODEL, DEFAULT_SUBJECT))
     n = int(tokens.shape[-1])
@@ -92,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         pictures=pictures,
         answer=args.answer,
+        sink=args.sink,
+        top_heads=args.top_heads,
     )
     print(
         f"{label}: {n} tokens; position {rep.position} ('{rep.tokens[rep.position]}')"
@@ -103,6 +117,16 @@ def run(args: argparse.Namespace) -> int:
         summary = json.loads((out / "maps.json").read_text()).get("prediction_summary") or {}
         for r in summary.get("answer_ranks", []):
             print(f"answer {r['token']!r}: rank {r['rank']}, prob {100 * r['prob']:.2f}%")
+    if rep.sinks:
+        print(
+            f"drawn apart from the colour scales (--sink {args.sink}): "
+            + ", ".join(f"{j} ('{rep.tokens[j]}')" for j in rep.sinks)
+        )
+    if rep.top_heads:
+        print(
+            "top heads by contribution to the prediction: "
+            + ", ".join(f"L{layer}H{h} {c:+.3g}" for layer, h, c in rep.top_heads[:5])
+        )
     for note in rep.notes:
         print(f"note: {note}")
     print(f"wrote {len(rep.files)} files to {out}: {', '.join(rep.files)}")

@@ -47,6 +47,7 @@ from tl_tensorlens.methods.gradients import (
     integrated_gradients,
     make_integrated_gradients,
 )
+from tl_tensorlens.methods.heads import HeadContributions, attention_received, detect_sinks, head_contributions
 from tl_tensorlens.methods.jlens import JLensLayer, compare_jlens, format_jlens_table, lens_readout, transport_matrix
 from tl_tensorlens.methods.registry import (
     MethodInfo,
@@ -113,14 +114,18 @@ __all__ = [
     "component_attribution",
     "format_attribution",
     "GRADIENT_METHODS",
+    "HeadContributions",
     "INTRA_LAYER",
     "RANDOMIZED_NORM",
     "TENSOR_METHODS",
     "MethodInfo",
     "RelevanceMethod",
+    "attention_received",
     "attnlrp",
     "cp_lrp",
+    "detect_sinks",
     "get_method",
+    "head_contributions",
     "input_x_gradient",
     "input_x_gradient_l2",
     "integrated_gradients",

@@ -52,6 +52,71 @@ def token_labels(model: Any, tokens: Any) -> list[str]:
     return out
 
 
+#: Visible stand-ins for whitespace in axis labels (the JSON keeps the decoded strings).
+_VISIBLE = {" ": "␣", "\t": "⇥", "\n": "↵", "\\n": "↵", "\r": "⏎"}
+#: Marks the positions drawn apart from the colour scale (attention sinks, BOS).
+SINK_MARK = "⚓"
+
+
+def display_label(token: str, *, max_len: int = 14) -> str:
+    r"""An axis label for a token string: whitespace made visible, matplotlib's ``$`` mathtext
+    escaped, long tokens shortened with ``…``.
+
+    Example:
+        >>> display_label(" Paris")
+        '␣Paris'
+        >>> display_label("$x$")
+        '\\$x\\$'
+    """
+    t = token
+    if len(t) >= 2 and t[0] == t[-1] == "'":  # token_labels' repr of blank tokens
+        inner = t[1:-1].encode("ascii", "backslashreplace").decode("unicode_escape")
+        if not inner.strip():
+            t = inner
+    for k in ("\\n", "\n", "\t", "\r", " "):
+        t = t.replace(k, _VISIBLE[k])
+    if len(t) > max_len:
+        t = t[: max_len - 1] + "…"
+    return t.replace("$", "\\$")
+
+
+def _labels(tokens: Sequence[str], apart: Sequence[int] = ()) -> list[str]:
+    marked = set(apart)
+    return [(SINK_MARK if j in marked else "") + display_label(t) for j, t in enumerate(tokens)]
+
+
+def _kept(a: Any, apart: Sequence[int]) -> Any:
+    """``a`` with the columns drawn apart set to NaN (they do not set the colour scale)."""
+    if not apart:
+        return a
+    b = a.astype(float).copy()
+    b[..., list(apart)] = float("nan")
+    return b
+
+
+def _overlay_apart(ax: Any, a: Any, apart: Sequence[int]) -> None:
+    """Draw the columns ``apart`` in grey on their own scale (darker = larger |value|), hatched."""
+    import numpy as np
+
+    if not apart:
+        return
+    import matplotlib
+    from matplotlib.colors import Normalize
+
+    cols = list(apart)
+    b = np.full(a.shape, np.nan)
+    b[:, cols] = np.abs(a[:, cols])
+    finite = b[np.isfinite(b)]
+    hi = float(finite.max()) if finite.size else 1.0
+    from matplotlib.colors import ListedColormap
+
+    # light greys only, so the values written into these cells stay readable
+    greys = ListedColormap(matplotlib.colormaps["Greys"](np.linspace(0.04, 0.45, 64))).with_extremes(bad=(0, 0, 0, 0))
+    ax.imshow(b, cmap=greys, norm=Normalize(0.0, hi if hi > 0 else 1.0), aspect="auto", interpolation="nearest")
+    for c in cols:
+        ax.axvspan(c - 0.5, c + 0.5, fill=False, hatch="///", edgecolor="#b07000", lw=0.0)
+
+
 def _check_map(M: Any, tokens: Sequence[str], what: str) -> Any:
     a = _np(M)
     if a.ndim != 2:
@@ -92,7 +157,11 @@ def _draw_map(
     signed: bool | None,
     mask_upper: bool | None,
     ticks: bool = True,
-) -> None:
+    apart: Sequence[int] = (),
+    shared: Any = None,
+) -> Any:
+    """Draw one map; ``shared`` is a ``(norm, cmap name)`` that replaces the map's own scale (and
+    its colour bar, drawn once by the caller). Returns the image."""
     import numpy as np
 
     a = a.astype(float).copy()
@@ -101,25 +170,30 @@ def _draw_map(
         mask_upper = n_out == n_in and n_in > 1 and bool(np.all(a[np.triu_indices(n_in, 1)] == 0))
     if mask_upper and n_out == n_in:
         a[np.triu_indices(n_in, 1)] = np.nan
-    norm, cmap_name = _norm_for(a, signed)
+    apart = [c for c in apart if 0 <= c < n_in]
+    kept = _kept(a, apart)
+    norm, cmap_name = _norm_for(kept, signed) if shared is None else shared
     import matplotlib
 
     cmap = matplotlib.colormaps[cmap_name].with_extremes(bad="#d9d9d9")
-    im = ax.imshow(a, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    im = ax.imshow(kept, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    _overlay_apart(ax, a, apart)
     fs = _fontsize(max(n_in, n_out))
     if ticks:
-        ax.set_xticks(range(n_in), labels=list(tokens_in), rotation=90, fontsize=fs)
-        ax.set_yticks(range(n_out), labels=list(tokens_out), fontsize=fs)
+        ax.set_xticks(range(n_in), labels=_labels(tokens_in, apart), rotation=90, fontsize=fs)
+        ax.set_yticks(range(n_out), labels=_labels(tokens_out), fontsize=fs)
         ax.set_xlabel("input token (pos_in)", fontsize=8)
         ax.set_ylabel("output token (pos_out)", fontsize=8)
     else:
         ax.set_xticks([])
         ax.set_yticks([])
     ax.set_title(title, fontsize=9)
-    cb = fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02)
-    cb.ax.tick_params(labelsize=7)
-    if cbar_label:
-        cb.set_label(cbar_label, fontsize=7)
+    if shared is None:
+        cb = fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02)
+        cb.ax.tick_params(labelsize=7)
+        if cbar_label:
+            cb.set_label(cbar_label, fontsize=7)
+    return im
 
 
 def plot_map(
@@ -132,6 +206,7 @@ def plot_map(
     signed: bool | None = None,
     mask_upper: bool | None = None,
     figsize: tuple[float, float] | None = None,
+    apart: Sequence[int] = (),
 ) -> Any:
     """One N×N map as a heatmap with token labels and a colour bar.
 
@@ -144,6 +219,8 @@ def plot_map(
         signed: force a diverging (True) or sequential (False) colour map; None decides from the data.
         mask_upper: grey out the upper triangle (None: when it is all zero, i.e. a causal map).
         figsize: inches (default grows with the prompt).
+        apart: input positions (columns) drawn apart: hatched, in grey on their own scale, marked
+            ``⚓`` on the axis, and left out of the colour scale (attention sinks, BOS).
 
     Returns:
         A matplotlib ``Figure``.
@@ -163,7 +240,9 @@ def plot_map(
     side = min(12.0, 3.0 + 0.28 * max(a.shape))
     fig = Figure(figsize=figsize or (side + 1.2, side), layout="constrained")
     ax = fig.add_subplot()
-    _draw_map(fig, ax, a, tokens, rows, title=title, cbar_label=cbar_label, signed=signed, mask_upper=mask_upper)
+    _draw_map(
+        fig, ax, a, tokens, rows, title=title, cbar_label=cbar_label, signed=signed, mask_upper=mask_upper, apart=apart
+    )
     return fig
 
 
@@ -176,6 +255,9 @@ def plot_map_grid(
     title: str = "",
     cbar_label: str = "",
     signed: bool | None = None,
+    apart: Sequence[int] = (),
+    cell: float | None = None,
+    shared_scale: bool = False,
 ) -> Any:
     """A grid of N×N maps (per layer, per head, per method), each with its own colour bar.
 
@@ -189,6 +271,9 @@ def plot_map_grid(
         title: figure title.
         cbar_label: colour-bar label.
         signed: see :func:`plot_map`.
+        apart: see :func:`plot_map`.
+        cell: inches per panel (default grows with the prompt).
+        shared_scale: one colour scale (and one colour bar) for all panels, so they compare.
 
     Example:
         >>> import torch
@@ -208,24 +293,48 @@ def plot_map_grid(
     ncols = max(1, min(ncols, k))
     nrows = (k + ncols - 1) // ncols
     n = len(tokens)
-    cell = min(4.2, 2.2 + 0.11 * n)
+    cell = cell or min(4.2, 2.2 + 0.11 * n)
     fig = Figure(figsize=(ncols * (cell + 0.9), nrows * cell + (0.5 if title else 0)), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
+    shared = None
+    if shared_scale:
+        import numpy as np
+
+        shared = _norm_for(np.stack([_kept(a.astype(float), apart) for a in arrays]), signed)
+    im = None
     for idx in range(nrows * ncols):
         ax = axes[idx // ncols][idx % ncols]
         if idx >= k:
             ax.set_axis_off()
             continue
         a = arrays[idx]
-        _draw_map(fig, ax, a, tokens, tokens, title=names[idx], cbar_label=cbar_label, signed=signed, mask_upper=None)
+        im = _draw_map(
+            fig,
+            ax,
+            a,
+            tokens,
+            tokens,
+            title=names[idx],
+            cbar_label=cbar_label,
+            signed=signed,
+            mask_upper=None,
+            apart=apart,
+            shared=shared,
+        )
         fs = _fontsize(n) * 0.85
         last_in_col = idx + ncols >= k
-        ax.set_xticks(range(n), labels=list(tokens) if last_in_col else [""] * n, rotation=90, fontsize=fs)
-        ax.set_yticks(range(a.shape[0]), labels=list(tokens) if idx % ncols == 0 else [""] * a.shape[0], fontsize=fs)
+        xl, yl = _labels(tokens, apart), _labels(tokens)
+        ax.set_xticks(range(n), labels=xl if last_in_col else [""] * n, rotation=90, fontsize=fs)
+        ax.set_yticks(range(a.shape[0]), labels=yl if idx % ncols == 0 else [""] * a.shape[0], fontsize=fs)
         if not last_in_col:
             ax.set_xlabel("")
         if idx % ncols:
             ax.set_ylabel("")
+    if shared is not None and im is not None:
+        cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02)
+        cb.ax.tick_params(labelsize=7)
+        if cbar_label:
+            cb.set_label(cbar_label + (" (without ⚓)" if apart else ""), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
@@ -282,12 +391,24 @@ def plot_relevance_strip(
     return fig
 
 
+def _annotate_apart(ax: Any, arr: Any, apart: Sequence[int], fontsize: float) -> None:
+    """Write each value drawn apart into its cell (as a multiple of the row's colour scale)."""
+    import numpy as np
+
+    for r in range(arr.shape[0]):
+        for c in apart:
+            v = arr[r, c]
+            if np.isfinite(v):
+                ax.text(c, r, f"{v:+.2g}×", ha="center", va="center", fontsize=fontsize, color="black", rotation=90)
+
+
 def plot_method_comparison(
     maps: Mapping[str, Any],
     tokens: Sequence[str],
     *,
     position: int | None = None,
     title: str = "",
+    apart: Sequence[int] = (),
 ) -> Any:
     """Side-by-side comparison of methods for one prompt.
 
@@ -300,6 +421,8 @@ def plot_method_comparison(
         tokens: token labels.
         position: output position whose rows are compared (negative counts from the end).
         title: figure title.
+        apart: input positions left out of each row's scale (see :func:`plot_map`); in the stacked
+            rows their value is written in the cell as a multiple of that row's scale.
 
     Example:
         >>> import torch
@@ -314,8 +437,11 @@ def plot_method_comparison(
     if not maps:
         raise TensorLensError("plot_method_comparison: no maps")
     if position is None:
-        return plot_map_grid(list(maps.values()), tokens, titles=list(maps), ncols=min(3, len(maps)), title=title)
+        return plot_map_grid(
+            list(maps.values()), tokens, titles=list(maps), ncols=min(3, len(maps)), title=title, apart=apart
+        )
     n = len(tokens)
+    apart = [c for c in apart if 0 <= c < n]
     rows = []
     for name, M in maps.items():
         a = _check_map(M, tokens, f"plot_method_comparison[{name}]")
@@ -323,26 +449,39 @@ def plot_method_comparison(
         if not 0 <= p < a.shape[0]:
             raise TensorLensError(f"plot_method_comparison: position {position} out of range for '{name}'")
         r = a[p]
-        scale = np.nanmax(np.abs(r)) if np.isfinite(r).any() else 1.0
+        kept = _kept(r[None], apart)[0]
+        scale = np.nanmax(np.abs(kept)) if np.isfinite(kept).any() else 1.0
         rows.append(r / (scale if scale > 0 else 1.0))
     arr = np.stack(rows)
     width = min(18.0, 3.5 + 0.55 * n)
     fig = Figure(figsize=(width, 1.2 + 0.45 * len(rows)), layout="constrained")
     ax = fig.add_subplot()
-    norm, cmap = _norm_for(arr, None)
-    im = ax.imshow(arr, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    kept_arr = _kept(arr, apart)
+    norm, cmap = _norm_for(kept_arr, None)
+    im = ax.imshow(kept_arr, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    _overlay_apart(ax, arr, apart)
+    _annotate_apart(ax, arr, apart, fontsize=6.0)
     ax.set_yticks(range(len(rows)), labels=list(maps), fontsize=8)
-    ax.set_xticks(range(n), labels=list(tokens), rotation=90, fontsize=_fontsize(n))
-    ax.set_xlabel("input token", fontsize=8)
+    ax.set_xticks(range(n), labels=_labels(tokens, apart), rotation=90, fontsize=_fontsize(n))
+    ax.set_xlabel(
+        "input token"
+        + (f"  ({SINK_MARK}: drawn apart, value written as a multiple of the row's scale)" if apart else ""),
+        fontsize=8,
+    )
     ax.set_title(title or f"relevance of each input for output position {position}", fontsize=9)
     cb = fig.colorbar(im, ax=ax, pad=0.01, fraction=0.03)
-    cb.set_label("relevance / max |relevance|", fontsize=7)
+    cb.set_label("relevance / max |relevance|" + (" (without ⚓)" if apart else ""), fontsize=7)
     cb.ax.tick_params(labelsize=7)
     return fig
 
 
 def plot_logit_lens(
-    result: Any, tokens: Sequence[str], *, position: int = -1, vocab: Sequence[str] | None = None
+    result: Any,
+    tokens: Sequence[str],
+    *,
+    position: int = -1,
+    vocab: Sequence[str] | None = None,
+    apart: Sequence[int] = (),
 ) -> Any:
     """The tensor logit lens at one output position: layers × input tokens.
 
@@ -355,6 +494,7 @@ def plot_logit_lens(
         tokens: input token labels.
         position: the output position (must be among ``result.positions``).
         vocab: strings of token ids for the row labels (default ``#id``).
+        apart: input positions left out of the colour scale (see :func:`plot_map`).
     """
     from matplotlib.figure import Figure
 
@@ -364,7 +504,7 @@ def plot_logit_lens(
     r = result.positions.index(p)
 
     def name(i: int) -> str:
-        return vocab[i] if vocab is not None else f"#{i}"
+        return display_label(vocab[i]) if vocab is not None else f"#{i}"
 
     labels = [
         f"after {k} block{'s' if k != 1 else ''}: {name(int(result.target[li, r]))} "
@@ -379,13 +519,17 @@ def plot_logit_lens(
     width = min(18.0, 4.5 + 0.5 * n)
     fig = Figure(figsize=(width, 1.4 + 0.42 * len(labels)), layout="constrained")
     ax = fig.add_subplot()
-    norm, cmap = _norm_for(rows, True)
-    im = ax.imshow(rows, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    apart = [c for c in apart if 0 <= c < rows.shape[1]]
+    kept = _kept(rows, apart)
+    norm, cmap = _norm_for(kept, True)
+    im = ax.imshow(kept, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    _overlay_apart(ax, rows, apart)
     ax.set_yticks(range(len(labels)), labels=labels, fontsize=8)
-    ax.set_xticks(range(len(tokens)), labels=list(tokens), rotation=90, fontsize=_fontsize(n))
+    ax.set_xticks(range(len(tokens)), labels=_labels(tokens, apart), rotation=90, fontsize=_fontsize(n))
     ax.set_xlabel("input token", fontsize=8)
     ax.set_title(
-        f"tensor logit lens at position {p} ('{tokens[p]}'): which inputs drive each layer's prediction", fontsize=9
+        f"tensor logit lens at position {p} ('{display_label(tokens[p])}'): which inputs drive each layer's prediction",
+        fontsize=9,
     )
     cb = fig.colorbar(im, ax=ax, pad=0.01, fraction=0.03)
     cb.set_label("share of the logit-lens logit", fontsize=7)
@@ -584,6 +728,109 @@ def plot_relation_results(
     return fig
 
 
+def plot_head_summary(
+    contributions: Float[Tensor, "layer head"],
+    *,
+    title: str = "",
+    highlight: Sequence[tuple[int, int]] = (),
+    cbar_label: str = "contribution",
+) -> Any:
+    """A layer × head heatmap of per-head values (e.g. each head's contribution to one logit).
+
+    Signed values get a diverging map centred at 0. Cells are annotated with their value when they
+    are large enough to read; ``highlight`` cells (e.g. the top heads) get a black frame.
+
+    Example:
+        >>> import torch
+        >>> fig = plot_head_summary(torch.randn(3, 4), title="heads", highlight=[(0, 1)])
+        >>> [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        ['L0', 'L1', 'L2']
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    a = _np(contributions)
+    if a.ndim != 2:
+        raise TensorLensError(f"plot_head_summary: expected [layer, head], got shape {a.shape}")
+    n_layers, n_heads = a.shape
+    fig = Figure(figsize=(min(14.0, 2.6 + 0.62 * n_heads), min(14.0, 1.4 + 0.3 * n_layers)), layout="constrained")
+    ax = fig.add_subplot()
+    norm, cmap = _norm_for(a, None)
+    im = ax.imshow(a, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(n_heads), labels=[f"H{h}" for h in range(n_heads)], fontsize=8)
+    ax.set_yticks(
+        range(n_layers), labels=[f"L{layer}" for layer in range(n_layers)], fontsize=_fontsize(n_layers) * 0.9
+    )
+    ax.set_xlabel("head", fontsize=8)
+    ax.set_ylabel("layer", fontsize=8)
+    if n_heads <= 16 and n_layers <= 40:
+        for layer in range(n_layers):
+            for h in range(n_heads):
+                v = a[layer, h]
+                dark = abs(norm(v) - 0.5) > 0.35
+                ax.text(
+                    h, layer, f"{v:.2g}", ha="center", va="center", fontsize=5.5, color="white" if dark else "black"
+                )
+    for layer, h in highlight:
+        ax.add_patch(Rectangle((h - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.4))
+    ax.set_title(title, fontsize=9)
+    cb = fig.colorbar(im, ax=ax, pad=0.01, fraction=0.05)
+    cb.set_label(cbar_label, fontsize=7)
+    cb.ax.tick_params(labelsize=7)
+    return fig
+
+
+def plot_top_heads(
+    rows: Float[Tensor, "k pos_in"],
+    tokens: Sequence[str],
+    *,
+    labels: Sequence[str],
+    title: str = "",
+    apart: Sequence[int] = (),
+    cbar_label: str = "contribution via each source token",
+    signed: bool | None = True,
+    xlabel: str = "source token",
+) -> Any:
+    """Ranked heads as stacked strips: one row per head (e.g. its contribution split over source
+    tokens), all on one shared colour scale so rows compare; ``apart`` columns as in
+    :func:`plot_map`, their values written in the cells.
+
+    Example:
+        >>> import torch
+        >>> fig = plot_top_heads(torch.randn(2, 3), list("abc"), labels=["1. L0H1", "2. L1H0"])
+        >>> [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        ['1. L0H1', '2. L1H0']
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    a = _np(rows)
+    if a.ndim != 2 or a.shape[1] != len(tokens):
+        raise TensorLensError(f"plot_top_heads: rows of shape {a.shape} for {len(tokens)} tokens")
+    if len(labels) != a.shape[0]:
+        raise TensorLensError(f"plot_top_heads: {a.shape[0]} rows but {len(labels)} labels")
+    n = len(tokens)
+    apart = [c for c in apart if 0 <= c < n]
+    fig = Figure(figsize=(min(18.0, 4.5 + 0.55 * n), 1.3 + 0.38 * a.shape[0]), layout="constrained")
+    ax = fig.add_subplot()
+    kept = _kept(a, apart)
+    norm, cmap = _norm_for(kept, signed)
+    im = ax.imshow(kept, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    _overlay_apart(ax, a, apart)
+    for r in range(a.shape[0]):
+        for c in apart:
+            if np.isfinite(a[r, c]):
+                ax.text(c, r, f"{a[r, c]:+.2g}", ha="center", va="center", fontsize=6, color="black")
+    ax.set_yticks(range(a.shape[0]), labels=list(labels), fontsize=8)
+    ax.set_xticks(range(n), labels=_labels(tokens, apart), rotation=90, fontsize=_fontsize(n))
+    ax.set_xlabel(xlabel + (f"  ({SINK_MARK}: drawn apart, value written in the cell)" if apart else ""), fontsize=8)
+    ax.set_title(title, fontsize=9)
+    cb = fig.colorbar(im, ax=ax, pad=0.01, fraction=0.03)
+    cb.set_label(cbar_label + (" (without ⚓)" if apart else ""), fontsize=7)
+    cb.ax.tick_params(labelsize=7)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------
 # HTML
 # ---------------------------------------------------------------------------------------------
@@ -701,11 +948,14 @@ def maps_to_json(maps: Mapping[str, Any]) -> str:
 
 
 __all__ = [
+    "SINK_MARK",
     "attention_html",
+    "display_label",
     "has_circuitsvis",
     "has_matplotlib",
     "maps_to_json",
     "plot_component_patching",
+    "plot_head_summary",
     "plot_logit_lens",
     "plot_map",
     "plot_map_grid",
@@ -714,6 +964,7 @@ __all__ = [
     "plot_perturbation_curves",
     "plot_relation_results",
     "plot_relevance_strip",
+    "plot_top_heads",
     "relevance_html",
     "token_labels",
 ]
