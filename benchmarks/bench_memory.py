@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(case, backend)
     tokens = torch.randint(0, case.d_vocab, (case.n_pos,), generator=torch.Generator().manual_seed(0))
 
-    def lens_for(output: str, budget: str = budget) -> TensorLens:
+    def lens_for(output: Any, budget: str = budget) -> TensorLens:
         return TensorLens.from_model(model, tokens, output=output, memory_budget=budget, verify=False, progress=False)
 
     rows = []
