@@ -143,6 +143,25 @@ def _line_count(path: Path) -> int:
         return sum(1 for _ in fh)
 
 
+def _polarity_setup(
+    model: Any, head: Any, sentences: Sequence[str], max_len: int, conf_kw: dict[str, Any]
+) -> tuple[list[Example], PerturbationConfig, ClassifierReadout]:
+    """The MiniLM polarity subjects' examples (truncated to ``max_len`` tokens), [MASK] replacement with
+    [CLS]/[SEP]/[PAD] never masked, and the head's readout on [CLS]."""
+    tok = model.tokenizer
+    examples = [
+        Example(f"test{i}", torch.tensor(tok(s, truncation=True, max_length=max_len)["input_ids"]))
+        for i, s in enumerate(sentences)
+    ]
+    conf = PerturbationConfig(
+        mask_token_id=tok.mask_token_id,
+        special_token_ids=(tok.cls_token_id, tok.sep_token_id, tok.pad_token_id),
+        **conf_kw,
+    )
+    readout = ClassifierReadout(head.W.to(torch.float32), head.b.to(torch.float32), position=0)
+    return examples, conf, readout
+
+
 def _polarity(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     from tl_tensorlens.subjects import load_minilm, load_polarity_data
 
@@ -158,19 +177,9 @@ def _polarity(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[d
         print(f"polarity head unavailable ({err}); training it with train_polarity()", flush=True)
         head = train_polarity()
         head_note = f"head trained by train_polarity() in this run ({head.metrics})"
-    tok = model.tokenizer
-    data = load_polarity_data()
-    sentences = data.test.sentences[: args.n_sentences]
-    examples = [
-        Example(f"test{i}", torch.tensor(tok(s, truncation=True, max_length=64)["input_ids"]))
-        for i, s in enumerate(sentences)
-    ]
-    conf = PerturbationConfig(
-        mask_token_id=tok.mask_token_id,
-        special_token_ids=(tok.cls_token_id, tok.sep_token_id, tok.pad_token_id),
-        **conf_kw,
+    examples, conf, readout = _polarity_setup(
+        model, head, load_polarity_data().test.sentences[: args.n_sentences], 64, conf_kw
     )
-    readout = ClassifierReadout(head.W.to(torch.float32), head.b.to(torch.float32), position=0)
     path = Path(args.work_dir) / f"polarity_{conf.key()}.jsonl"
     rows = _run(model, examples, readout, conf, path, METHODS, args.n_norm, not args.no_progress, args.notes)
     return rows, (
@@ -212,22 +221,11 @@ def _polarity_ft(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[lis
     subject = load_subject("polarity_ft", backend="auto", build=True)
     model, head = subject.model.eval(), subject.head
     assert head is not None
-    tok = model.tokenizer
-    data = load_polarity_data()
-    sentences = data.test.sentences[: args.n_ft]
-    examples = [
-        Example(f"test{i}", torch.tensor(tok(s, truncation=True, max_length=args.max_len)["input_ids"]))
-        for i, s in enumerate(sentences)
-    ]
-    conf = PerturbationConfig(
-        mask_token_id=tok.mask_token_id,
-        special_token_ids=(tok.cls_token_id, tok.sep_token_id, tok.pad_token_id),
-        **conf_kw,
+    examples, conf, readout = _polarity_setup(
+        model, head, load_polarity_data().test.sentences[: args.n_ft], args.max_len, conf_kw
     )
-    readout = ClassifierReadout(head.W.to(torch.float32), head.b.to(torch.float32), position=0)
     path = Path(args.work_dir) / f"polarity_ft_{conf.key()}.jsonl"
-    specials = (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
-    methods = _methods(args, METHODS, ig_baseline=tok.mask_token_id, keep=specials)
+    methods = _methods(args, METHODS, ig_baseline=conf.mask_token_id, keep=conf.special_token_ids)
     rows = _run(model, examples, readout, conf, path, methods, len(examples), not args.no_progress, args.notes)
     lengths = [int(e.tokens.shape[0]) for e in examples]
     return rows, (
