@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tl_tensorlens._backend import has_hooked_transformer
+from tl_tensorlens.errors import ArgumentError
 from tl_tensorlens.evaluation.relations import (
     PromptAlignmentError,
     PromptFormat,
@@ -284,6 +285,23 @@ def test_study_end_to_end_resumable(decoder, tmp_path):
     )
     assert len(load_results(path)) == 10
     assert "mean_tensor" in results_table(rows)
+
+
+def test_study_routes_give_the_same_rows(decoder, tmp_path):
+    """operators="replay" (apply by replays and JVPs) and "dense" (build T̄ and W̄) score identically."""
+    model = tiny_model(decoder, d_vocab=60)
+    tok = WordTokenizer.from_relations([TOY], d_vocab=60)
+    cfg = RelationStudyConfig(
+        n_train=3, n_splits=2, top_k_filter=60, betas=(1.0, 2.25), lre_blocks=(0, 1), mean_tensor_ablation=True
+    )
+    got = {}
+    for route in ("replay", "dense"):
+        rows = run_relation_study(model, [TOY], cfg, tokenizer=tok, progress=False, operators=route)
+        assert {r["operator"] for r in rows} == {route}
+        got[route] = [{k: v for k, v in r.items() if k != "operator"} for r in rows]
+    assert got["replay"] == got["dense"]
+    with pytest.raises(ArgumentError, match="operators"):
+        run_relation_study(model, [TOY], cfg, tokenizer=tok, progress=False, operators="lazy")
 
 
 def test_study_mean_tensor_exact_when_test_equals_train(decoder):

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from tl_tensorlens._backend import has_hooked_transformer
-from tl_tensorlens.methods.relations import LinearRelationEmbedding, MeanTensor, lre_example, read_model, unembed
+from tl_tensorlens.errors import ArgumentError, TensorLensError
+from tl_tensorlens.methods.relations import (
+    LinearRelationEmbedding,
+    LinearRelationJVP,
+    MeanTensor,
+    MeanTensorReplay,
+    lre_example,
+    read_model,
+    unembed,
+)
 
 needs_hooked = pytest.mark.skipif(not has_hooked_transformer(), reason="HookedTransformer needs TransformerLens < 4")
 
@@ -136,3 +145,57 @@ def test_bridge_mean_tensor_and_lre_reproduce_model(family):
     torch.testing.assert_close(unembed(model, mean.apply(read.x0)), logits, rtol=0, atol=1e-10)
     lre = LinearRelationEmbedding.fit(model, tokens, 3, layer=1)
     torch.testing.assert_close(unembed(model, lre.apply(read.subject[1])), logits, rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- the replay / JVP routes
+TRAIN = torch.tensor([[5, 11, 3, 8, 2, 30, 7], [9, 1, 3, 4, 2, 17, 7], [1, 2, 3, 4, 5, 6, 7]])
+TEST = torch.tensor([[4, 12, 3, 9, 2, 21, 7], [8, 8, 3, 1, 2, 40, 7], [2, 2, 2, 2, 2, 2, 2], [33, 1, 3, 5, 2, 9, 7]])
+
+
+@pytest.mark.parametrize("family", [None, "llama_gqa"])
+def test_mean_tensor_replay_equals_dense_mean_tensor(decoder, family):
+    """Applying the mean tensor by n frozen replays is T̄ x + c̄ (and T̄ x) of the dense operator."""
+    model = decoder(family, d_vocab=50, n_ctx=32, seed=3)
+    lazy = MeanTensorReplay.fit(model, TRAIN, batch_size=3)  # 4 test inputs: two replay batches
+    dense = MeanTensor.fit(model, TRAIN)
+    x = read_model(model, TEST, 3).x0
+    scale = dense.apply(x).abs().max()
+    torch.testing.assert_close(lazy.apply(x), dense.apply(x), rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(lazy.apply(x, bias=False), dense.apply(x, bias=False), rtol=0, atol=1e-12 * scale)
+    back = lazy.materialize()
+    torch.testing.assert_close(back.weight, dense.weight, rtol=0, atol=1e-13 * dense.weight.abs().max())
+    torch.testing.assert_close(back.bias, dense.bias, rtol=0, atol=1e-13 * scale)
+    torch.testing.assert_close(lazy.bias, dense.bias, rtol=0, atol=1e-13 * scale)
+    # leading batch axes are kept; a training prompt fed to itself reproduces the mean of outputs there
+    assert lazy.apply(x.reshape(2, 2, *x.shape[1:])).shape == (2, 2, x.shape[-1])
+    assert lazy.n_examples == 3 and "MeanTensorReplay(pos=7" in repr(lazy)
+    with pytest.raises(TensorLensError, match="not aligned"):
+        lazy.apply(x[:, :5])
+    with pytest.raises(ArgumentError, match="tokens"):
+        MeanTensorReplay.fit(model, TRAIN[:0])
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("family", [None, "llama_gqa"])
+def test_lre_jvp_equals_dense_lre(decoder, family, layer):
+    """The JVP route applies β W̄ s + b̄ of the dense LRE (Jacobians of the real model) without building W̄."""
+    model = decoder(family, d_vocab=50, n_ctx=32, seed=4)
+    # The LRE differentiates the real model: a Bridge's RMSNorm computes in float32 inside a float64
+    # model, so forward- and reverse-mode derivatives agree to float32 rounding there.
+    tol = 1e-6 if family is not None and decoder.backend != "hooked" else 1e-12
+    lazy = LinearRelationJVP.fit(model, TRAIN, 3, layer=layer, batch_size=3)
+    dense = LinearRelationEmbedding.fit(model, TRAIN, 3, layer=layer)
+    s = read_model(model, TEST, 3, layers=(layer,)).subject[layer]
+    torch.testing.assert_close(lazy.bias, dense.bias, rtol=0, atol=tol * dense.bias.abs().max())
+    ws = lazy.weight_apply(s)
+    torch.testing.assert_close(ws, s @ dense.weight.T, rtol=0, atol=tol * ws.abs().max())
+    for beta in (1.0, 2.25):
+        want = dense.with_beta(beta).apply(s)
+        torch.testing.assert_close(lazy.with_beta(beta).apply(s), want, rtol=0, atol=tol * want.abs().max())
+        torch.testing.assert_close(lazy.with_beta(beta).apply(s, weight=ws), want, rtol=0, atol=tol * want.abs().max())
+    # at a training prompt's own subject state and β = 1 the LRE of one example is the model there
+    one = LinearRelationJVP.fit(model, TRAIN[:1], 3, layer=layer)
+    read = read_model(model, TRAIN[:1], 3, layers=(layer,))
+    torch.testing.assert_close(one.apply(read.subject[layer]), read.final, rtol=0, atol=tol * read.final.abs().max())
+    with pytest.raises(ArgumentError, match="subject_pos"):
+        LinearRelationJVP.fit(model, TRAIN, [3, 3], layer=layer)

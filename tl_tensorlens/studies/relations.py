@@ -33,6 +33,7 @@ from tl_tensorlens.evaluation.relations import (
     Relation,
     RelationStudyConfig,
     WordTokenizer,
+    comparison_table,
     load_relations,
     relation_from_dict,
     results_table,
@@ -148,10 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test", type=positive_int, default=None)
     p.add_argument("--template-index", type=nonnegative_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument(
+        "--operators",
+        default="auto",
+        choices=["auto", "replay", "dense"],
+        help="apply the mean tensor / LRE by replays and JVPs (n_train per test prompt), build them densely "
+        "(d_model VJPs per training prompt), or take the cheaper per split (same numbers to rounding)",
+    )
     p.add_argument("--tiny-vocab", type=positive_int, default=50, help="vocabulary of the random-tiny model")
     p.add_argument("--results", default="results/relations.jsonl", help="resumable JSONL results file")
     p.add_argument("--table", default=None, help="write the Markdown table here")
     p.add_argument("--plot", default=None, help="write the bar plot here (png/pdf/svg)")
+    p.add_argument(
+        "--comparison",
+        default=None,
+        help="write the relation-by-relation comparison (mean tensor vs every other method, paired bootstrap "
+        "CIs over test prompts, wins/ties/losses) here",
+    )
     p.add_argument("--update-doc", default=None, help="replace the table block of this Markdown file")
     p.add_argument("--metric", default="faithfulness", choices=["faithfulness", "accuracy", "recall@k"])
     p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
@@ -201,12 +215,17 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         out=args.results,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        operators=args.operators,
     )
     table = results_table(rows, metric=args.metric, methods=config.methods())
     print(table)
     if args.table:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
         Path(args.table).write_text(table + "\n", encoding="utf-8")
+    comparison = comparison_table(rows, metric=args.metric, others=[m for m in config.methods() if m != "mean_tensor"])
+    if args.comparison:
+        Path(args.comparison).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.comparison).write_text(comparison + "\n", encoding="utf-8")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         from tl_tensorlens.viz.plots import plot_relation_results
@@ -217,7 +236,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         fig.savefig(args.plot, dpi=120)
     if args.update_doc:
         command = f"{prog or 'python -m tl_tensorlens.studies.relations'} " + " ".join(shlex.quote(a) for a in argv)
-        _update_doc(Path(args.update_doc), command, table)
+        _update_doc(Path(args.update_doc), command, table + "\n\n" + comparison)
     return 0
 
 

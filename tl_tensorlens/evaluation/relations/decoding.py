@@ -36,6 +36,7 @@ from torch import Tensor
 from tl_tensorlens._checks import as_int
 from tl_tensorlens._deprecation import renamed_kwargs, warn_deprecated
 from tl_tensorlens.capture import model_fingerprint
+from tl_tensorlens.errors import ArgumentError
 from tl_tensorlens.evaluation.relations.data import Relation
 from tl_tensorlens.evaluation.relations.prompts import (
     AlignedSample,
@@ -49,13 +50,23 @@ from tl_tensorlens.evaluation.relations.prompts import (
     stack_tokens,
 )
 from tl_tensorlens.evaluation.store import ResultStore
-from tl_tensorlens.methods.relations import LinearRelationEmbedding, MeanTensor, read_model, unembed
+from tl_tensorlens.methods.relations import (
+    LinearRelationEmbedding,
+    LinearRelationJVP,
+    MeanTensor,
+    MeanTensorReplay,
+    read_model,
+    unembed,
+)
 
 __all__ = [
     "KEY_FIELDS",
     "RelationSplit",
     "RelationStudyConfig",
+    "comparison_table",
+    "decoding_hits",
     "decoding_metrics",
+    "item_scores",
     "load_results",
     "lre_method_name",
     "make_split",
@@ -218,6 +229,34 @@ def decoding_metrics(
     }
 
 
+def decoding_hits(
+    approx_logits: Float[Tensor, "batch d_vocab"],
+    model_logits: Float[Tensor, "batch d_vocab"],
+    object_tokens: Int[Tensor, " batch"],
+    *,
+    recall_k: int = 5,
+) -> dict[str, str]:
+    """Per test prompt, whether each metric of :func:`decoding_metrics` holds, as a string of ``0``/``1``
+    (one character per prompt, in test order; what a result row stores for paired comparisons and CIs).
+
+    Example:
+        >>> import torch
+        >>> approx = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+        >>> model = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+        >>> decoding_hits(approx, model, torch.tensor([2, 0]), recall_k=2)
+        {'faithfulness': '10', 'accuracy': '01', 'recall@k': '11'}
+    """
+    top1 = approx_logits.argmax(-1)
+    k = min(recall_k, approx_logits.shape[-1])
+    topk = approx_logits.topk(k, dim=-1).indices
+    hits = {
+        "faithfulness": top1 == model_logits.argmax(-1),
+        "accuracy": top1 == object_tokens,
+        "recall@k": (topk == object_tokens[:, None]).any(-1),
+    }
+    return {name: "".join("1" if h else "0" for h in v.tolist()) for name, v in hits.items()}
+
+
 #: The fields that identify a row of a relation-study results file.
 KEY_FIELDS: tuple[str, ...] = ("model", "model_fingerprint", "relation", "relation_data", "split", "method", "config")
 
@@ -246,6 +285,20 @@ def relation_digest(relation: Relation) -> str:
     return hashlib.sha1(blob).hexdigest()[:12]
 
 
+OPERATOR_ROUTES = ("auto", "replay", "dense")
+
+
+def _route(operators: str, n_test: int, d_out: int) -> str:
+    """``"replay"`` (apply the operators by replays / JVPs: ``n_train`` per test prompt) or ``"dense"``
+    (build ``T̄`` and ``W̄``: ``d_out`` VJPs per training prompt); ``"auto"`` takes the cheaper one.
+    Both give the same numbers up to rounding."""
+    if operators not in OPERATOR_ROUTES:
+        raise ArgumentError("operators", operators, f"one of {OPERATOR_ROUTES}")
+    if operators != "auto":
+        return operators
+    return "replay" if n_test < d_out else "dense"
+
+
 def _evaluate_split(
     model: Any,
     split: RelationSplit,
@@ -253,6 +306,7 @@ def _evaluate_split(
     methods: Sequence[str],
     base: dict[str, Any],
     batch_size: int,
+    operators: str = "auto",
 ) -> list[dict[str, Any]]:
     test_tokens = stack_tokens(split.test)
     subject_pos = split.test[0].subject_pos
@@ -278,29 +332,42 @@ def _evaluate_split(
         ]
 
     model_logits, objects = test_read.logits[keep], objects[keep]
+    route = _route(operators, int(keep.numel()), test_read.final.shape[-1])
+    info["operator"] = route
     predictions: dict[str, Tensor] = {}
     train_tokens = stack_tokens(split.train)
     if any(m.startswith("mean_tensor") for m in methods):
-        mean = MeanTensor.fit(model, train_tokens)
         x = test_read.x0[keep]
+        mean: MeanTensor | MeanTensorReplay = MeanTensorReplay.fit(model, train_tokens, batch_size=batch_size)
+        if route == "dense":
+            mean = mean.materialize()
+        y = mean.apply(x)
         if "mean_tensor" in methods:
-            predictions["mean_tensor"] = unembed(model, mean.apply(x).to(model_logits.dtype))
+            predictions["mean_tensor"] = unembed(model, y.to(model_logits.dtype))
         if "mean_tensor_nobias" in methods:
-            predictions["mean_tensor_nobias"] = unembed(model, mean.apply(x, bias=False).to(model_logits.dtype))
+            # T̄x = (T̄x + c̄) − c̄: one replay per training prompt instead of a JVP per test prompt
+            # (the subtraction costs float rounding of |c̄|, far below a top-1 margin).
+            predictions["mean_tensor_nobias"] = unembed(model, (y - mean.bias).to(model_logits.dtype))
     for layer in config.lre_blocks:
         wanted = [b for b in config.betas if lre_method_name(layer, b) in methods]
         if not wanted:
             continue
-        lre = LinearRelationEmbedding.fit(model, train_tokens, split.train[0].subject_pos, layer=layer)
         s = test_read.subject[layer][keep]
-        for beta in wanted:
-            predictions[lre_method_name(layer, beta)] = unembed(
-                model, lre.with_beta(beta).apply(s).to(model_logits.dtype)
-            )
+        subject_pos = split.train[0].subject_pos
+        if route == "dense":
+            lre = LinearRelationEmbedding.fit(model, train_tokens, subject_pos, layer=layer)
+            approx = {beta: lre.with_beta(beta).apply(s) for beta in wanted}
+        else:
+            lazy = LinearRelationJVP.fit(model, train_tokens, subject_pos, layer=layer, batch_size=batch_size)
+            ws = lazy.weight_apply(s)  # W̄ s once, shared by every β
+            approx = {beta: lazy.with_beta(beta).apply(s, weight=ws) for beta in wanted}
+        for beta, y in approx.items():
+            predictions[lre_method_name(layer, beta)] = unembed(model, y.to(model_logits.dtype))
     rows = []
     for method in methods:
         metrics = decoding_metrics(predictions[method], model_logits, objects, recall_k=config.recall_k)
-        rows.append({**info, "method": method, "status": "ok", **metrics})
+        hits = decoding_hits(predictions[method], model_logits, objects, recall_k=config.recall_k)
+        rows.append({**info, "method": method, "status": "ok", **metrics, "hits": hits})
     return rows
 
 
@@ -316,6 +383,7 @@ def run_relation_study(
     out: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    operators: str = "auto",
 ) -> list[dict[str, Any]]:
     """Run (or resume) the mean-tensor vs LRE study over relations and seeded splits.
 
@@ -330,6 +398,11 @@ def run_relation_study(
             split, method, settings) are reused and not recomputed.
         batch_size: Prompts per batched forward.
         progress: Show tqdm bars.
+        operators: How the operators are evaluated: ``"replay"`` applies them to the test prompts by
+            replays and JVPs (``n_train`` per test prompt, :class:`~tl_tensorlens.methods.relations.MeanTensorReplay`),
+            ``"dense"`` builds ``T̄`` and ``W̄`` (``d_model`` VJPs per training prompt), ``"auto"``
+            (default) takes the cheaper per split. The numbers agree to rounding, so the choice is not
+            part of the resume key; each row records it under ``operator``.
 
     Returns:
         One row per (relation, split, method): the settings, ``status`` (``ok``/``skipped``),
@@ -350,6 +423,7 @@ def run_relation_study(
         >>> sorted({row["method"] for row in rows}), len(rows)
         (['lre_b1', 'mean_tensor'], 4)
     """
+    _route(operators, 0, 1)  # reject a bad value before any work
     tok = PromptTokenizer.from_model(model) if tokenizer is None else tokenizer
     store = open_store(out) if out is not None else None
     fingerprint = config.fingerprint()
@@ -409,7 +483,7 @@ def run_relation_study(
                     for m in missing
                 ]
             else:
-                new = _evaluate_split(model, split, config, missing, base, batch_size)
+                new = _evaluate_split(model, split, config, missing, base, batch_size, operators)
             if store is not None:
                 store.append(new)
             have += new
@@ -512,4 +586,88 @@ def results_table(
             for m in methods
         ]
         lines.append(f"| **mean** | | | {means.get('random', math.nan):.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def item_scores(rows: Iterable[dict[str, Any]], metric: str = "faithfulness") -> dict[str, dict[str, list[float]]]:
+    """Per relation and method, the per-prompt 0/1 scores of ``metric`` pooled over splits (split order,
+    then test order, so two methods' lists are paired item by item). Rows without per-prompt ``hits``
+    (written before 0.3) are left out.
+
+    Example:
+        >>> rows = [{"relation": "r", "method": "m", "status": "ok", "split": 0, "hits": {"faithfulness": "10"}},
+        ...         {"relation": "r", "method": "m", "status": "ok", "split": 1, "hits": {"faithfulness": "1"}}]
+        >>> item_scores(rows)
+        {'r': {'m': [1.0, 0.0, 1.0]}}
+    """
+    out: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    ordered = sorted(
+        (r for r in rows if r.get("status") == "ok" and metric in (r.get("hits") or {})),
+        key=lambda r: (r["relation"], r["method"], r["split"]),
+    )
+    for row in ordered:
+        out[row["relation"]].setdefault(row["method"], []).extend(float(c) for c in row["hits"][metric])
+    return dict(out)
+
+
+def comparison_table(
+    rows: Iterable[dict[str, Any]],
+    metric: str = "faithfulness",
+    *,
+    reference: str = "mean_tensor",
+    others: Sequence[str] | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> str:
+    """Relation by relation: ``reference`` against each other method, paired over the same test prompts.
+
+    Per relation the 95 % percentile-bootstrap CI of the mean difference (resampling test prompts,
+    pooled over splits) decides a **win** (CI above 0), **loss** (below 0) or **tie**. The first table
+    has one line per relation (the reference's score with its CI, and for every other method the
+    difference with its CI); the second counts wins / ties / losses per method and gives the mean
+    difference over relations with a CI resampling relations.
+
+    Example:
+        >>> rows = [{"relation": "r", "method": m, "status": "ok", "split": 0, "relation_type": "t",
+        ...          "hits": {"faithfulness": h}} for m, h in [("mean_tensor", "1111"), ("lre_b1", "0000")]]
+        >>> print(comparison_table(rows).splitlines()[2])
+        | r | t | 4 | 1.00 [1.00, 1.00] | **+1.00 [+1.00, +1.00]** |
+    """
+    from tl_tensorlens.evaluation.metrics import bootstrap_ci, paired_difference_ci
+
+    rows = list(rows)
+    scores = item_scores(rows, metric)
+    types = {r["relation"]: r.get("relation_type", "") for r in rows}
+    if others is None:
+        others = [m for m in ok_methods(rows) if m != reference]
+    header = ["relation", "type", "n", f"{reference} {metric}", *[f"{reference} − {m}" for m in others]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    tally: dict[str, list[int]] = {m: [0, 0, 0] for m in others}
+    diffs: dict[str, list[float]] = {m: [] for m in others}
+    for rel in sorted(scores, key=lambda r: (types.get(r, ""), r)):
+        per = scores[rel]
+        if reference not in per:
+            continue
+        ref = per[reference]
+        est = bootstrap_ci(ref, n_resamples=n_resamples, seed=seed)
+        cells = [f"{est.mean:.2f} [{est.low:.2f}, {est.high:.2f}]"]
+        for m in others:
+            if m not in per or len(per[m]) != len(ref):
+                cells.append("–")
+                continue
+            d = paired_difference_ci(ref, per[m], n_resamples=n_resamples, seed=seed)
+            diffs[m].append(d.mean)
+            verdict = 0 if d.low > 0 else (2 if d.high < 0 else 1)
+            tally[m][verdict] += 1
+            text = f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
+            cells.append(f"**{text}**" if verdict == 0 else (f"_{text}_" if verdict == 2 else text))
+        lines.append(f"| {rel} | {types.get(rel, '')} | {len(ref)} | " + " | ".join(cells) + " |")
+    lines += ["", f"| {reference} vs | relations | wins | ties | losses | mean difference over relations [95 % CI] |"]
+    lines.append("|---|---|---|---|---|---|")
+    for m in others:
+        if not diffs[m]:
+            continue
+        w, t, los = tally[m]
+        d = bootstrap_ci(diffs[m], n_resamples=n_resamples, seed=seed)
+        lines.append(f"| {m} | {len(diffs[m])} | {w} | {t} | {los} | {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] |")
     return "\n".join(lines)
