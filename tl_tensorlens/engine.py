@@ -252,29 +252,30 @@ class Engine:
         return self.state
 
     # ------------------------------------------------------------------ memory model
-    def _layer_elements(self, n: int) -> tuple[int, int, int]:
-        """(elements of one block's activations, number of blocks, elements of the head) at length ``n``."""
+    def _layer_elements(self, n: int, vocab_copies: int) -> tuple[int, int, int]:
+        """(elements of one block's activations, number of blocks, elements of the head) at length ``n``;
+        ``vocab_copies``: ``[n, d_vocab]`` buffers the head holds at ``output="logits"``."""
         cfg = self.model.cfg
         d = self.d_in
         d_mlp = int(getattr(cfg, "d_mlp", None) or 4 * d)
         h = int(cfg.n_heads)
         layers = int((self.spec.stop or self.state.n_layers) - self.spec.start)
         per_layer = n * (16 * d + 4 * d_mlp) + 4 * h * n * n
-        d_vocab = int(getattr(cfg, "d_vocab", 0) or 0)
-        head = n * (3 * d_vocab if self.spec.output == "logits" else 4 * d)
+        head = n * (vocab_copies * self.d_out if self.spec.output == "logits" else 4 * d)
         return per_layer, layers, head
 
     def item_bytes(self, n: int) -> int:
         """Activation memory of one replay item of length ``n`` kept for a backward: the forward with
-        its graph (every block's saved activations)."""
-        per_layer, layers, head = self._layer_elements(n)
+        its graph (every block's saved activations, and the logits with the unembedding's buffers)."""
+        per_layer, layers, head = self._layer_elements(n, 3)
         return self.element_size * (layers * per_layer + head)
 
     def step_bytes(self, n: int) -> int:
         """Working memory of one cotangent (tangent) during a backward (forward-mode) pass: the pass
         frees each block's buffers as it moves on, so about one block's activations are alive at once,
-        not all of them (calibrated against measured peak RSS: ``benchmarks/bench_memory.py``)."""
-        per_layer, _, head = self._layer_elements(n)
+        not all of them; at the logits the cotangent itself is the only ``[n, d_vocab]`` buffer, and it
+        is counted with the chunk (calibrated against measured peak RSS: ``benchmarks/bench_memory.py``)."""
+        per_layer, _, head = self._layer_elements(n, 0)
         return self.element_size * (per_layer + head)
 
     def plan(self, total: int, *, n: int, per_item: int, reserved: int, what: str, cheaper: str, base: int = 0) -> int:
@@ -299,6 +300,7 @@ class Engine:
         what: str,
         cheaper: str,
         select: Callable[[int], bool] | None = None,
+        extra_per_item: int = 0,
     ) -> Iterator[tuple[int, int, Tensor]]:
         """``Tᵀ g`` for ``k`` cotangents living on output position ``i``, in chunks.
 
@@ -311,6 +313,8 @@ class Engine:
             what, cheaper: for the refusal message.
             select: ``chunk index -> bool``: compute only the chosen chunks (the chunks themselves do
                 not change, so a chunk has the same bits whichever process computes it).
+            extra_per_item: bytes per cotangent the caller allocates while reducing a chunk (e.g. a
+                float64 copy of it), counted in the plan.
 
         Yields:
             ``(start, stop, adj)`` with ``adj [stop - start, n_i, d_in]``, ``n_i = i + 1`` for causal
@@ -319,7 +323,7 @@ class Engine:
         state = self.state_for(i)
         n = state.n_pos
         es = self.element_size
-        per_item = es * n * (self.d_out + 2 * self.d_in)
+        per_item = es * n * (self.d_out + 2 * self.d_in) + extra_per_item
         chunk = self.plan(
             k, n=n, per_item=per_item, reserved=reserved, base=self.item_bytes(n), what=what, cheaper=cheaper
         )
@@ -357,7 +361,10 @@ class Engine:
             ``(start, stop, out)`` with ``out [stop - start, pos, d_out]``.
         """
         es = self.element_size
-        per_item = es * self.n * (2 * self.d_in + 2 * self.d_out)
+        # Forward mode carries the primal beside each tangent (torch.func.jvp at a batch of zeros), so
+        # a tangent's working set is two blocks' activations, plus its input, its output and the
+        # caller's reordered copy of that output.
+        per_item = self.step_bytes(self.n) + es * self.n * (2 * self.d_in + 3 * self.d_out)
         chunk = self.plan(k, n=self.n, per_item=per_item, reserved=reserved, what=what, cheaper=cheaper)
         fn = self.fn(self.state)
         for s in range(0, k, chunk):

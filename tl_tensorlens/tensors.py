@@ -544,7 +544,13 @@ class TensorLens:
         cheaper = "collapse_randomized_norm(k) (k VJPs per row instead of d_out)"
         sq = torch.zeros(n, dtype=torch.float64, device=self.input.device)
         for _, _, adj in self.engine.row_chunks(
-            i, self.d_out, self._eye_rows, reserved=self._bytes(n_rows, n), what=what, cheaper=cheaper
+            i,
+            self.d_out,
+            self._eye_rows,
+            reserved=self._bytes(n_rows, n),
+            what=what,
+            cheaper=cheaper,
+            extra_per_item=2 * 8 * n * self.d_in,  # the float64 copy of a chunk and its square
         ):
             sq[: adj.shape[1]] += adj.double().pow(2).sum(dim=(0, 2))
         return sq.sqrt()
@@ -565,6 +571,7 @@ class TensorLens:
             reserved=self._bytes(probes, n) + self._bytes(2, n_rows, n),
             what=f"collapse_randomized_norm({probes}) row",
             cheaper="fewer probes",
+            extra_per_item=self._bytes(n, self.d_in),  # the square of a chunk
         ):
             samples[s:e, : adj.shape[1]] = adj.to(samples).pow(2).sum(-1)
         return samples
