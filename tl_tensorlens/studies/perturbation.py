@@ -211,7 +211,9 @@ def _methods(
             class_specific=True,
             overwrite=True,
         )
-        methods = [IG_REF if m == "integrated_gradients" else m for m in methods]
+        if args.methods is None:
+            # Only the default list swaps: an explicit --methods integrated_gradients keeps the zero baseline.
+            methods = [IG_REF if m == "integrated_gradients" else m for m in methods]
     return methods
 
 
