@@ -78,8 +78,11 @@ PINNED: dict[str, list[str]] = {
     ],
     "tl_tensorlens.engine": [
         "BUDGET_ENV",
+        "CACHE_ENV",
         "Engine",
+        "MIN_CHUNK",
         "Pullback",
+        "cache_target_bytes",
         "check_budget",
         "default_memory_budget",
         "format_bytes",

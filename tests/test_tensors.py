@@ -262,6 +262,30 @@ def test_memory_budget_refuses_before_allocating(decoder):
         lens.collapse("in_out")
 
 
+def test_cache_sized_chunks_cap_the_batch_but_not_the_numbers(decoder, monkeypatch):
+    """On a CPU the cotangent chunk is capped so one elementwise buffer fits the cache target (speed),
+    never below MIN_CHUNK; the tensors equal the one-chunk ones to rounding."""
+    from tl_tensorlens.engine import CACHE_ENV, MIN_CHUNK, cache_target_bytes
+
+    model = decoder("gpt2")
+    lens = TensorLens.from_model(model, TOKENS)
+    eng = lens.engine
+    width = max(int(model.cfg.d_mlp), int(model.cfg.d_model)) * 8  # float64
+    monkeypatch.setenv(CACHE_ENV, str(10 * width * 3))  # three cotangents' worth at n = 10
+    assert cache_target_bytes() == 10 * width * 3
+    assert eng.cache_chunk(10) == MIN_CHUNK  # 3 < MIN_CHUNK
+    monkeypatch.setenv(CACHE_ENV, str(10 * width * 20))
+    assert eng.cache_chunk(10) == 20 and eng.cache_chunk(5) == 40
+    chunked = {"slice": lens.slice(9), "norm": lens.collapse("norm"), "contrib": lens.contributions()}
+    monkeypatch.setenv(CACHE_ENV, "1GiB")
+    assert eng.cache_chunk(10) > model.cfg.d_model  # one chunk
+    for name, want in {"slice": lens.slice(9), "norm": lens.collapse("norm"), "contrib": lens.contributions()}.items():
+        torch.testing.assert_close(chunked[name], want, rtol=1e-12, atol=1e-14, msg=name)
+    monkeypatch.setenv(CACHE_ENV, "lots")
+    with pytest.raises(ArgumentError, match=CACHE_ENV):
+        cache_target_bytes()
+
+
 def test_causal_prefix_slice_equals_whole_prompt_slice(decoder):
     model = decoder("llama_gqa")
     lens = TensorLens.from_model(model, TOKENS)

@@ -472,7 +472,9 @@ class MeanTensorReplay:
 
         x0 = self.states[0].x0
         zero = torch.zeros(1, *x0.shape[-2:], dtype=x0.dtype, device=x0.device)
-        return torch.stack([replay(self.model, st, zero, output=self.output)[0, -1].detach() for st in self.states]).mean(0)
+        return torch.stack(
+            [replay(self.model, st, zero, output=self.output)[0, -1].detach() for st in self.states]
+        ).mean(0)
 
     def apply(self, x: Float[Tensor, "*batch pos d_model"], *, bias: bool = True) -> Float[Tensor, "*batch d_out"]:
         """``T̄ x (+ c̄)`` for inputs at ``blocks.0.hook_resid_pre``, by ``n`` (batched) replays.
