@@ -29,7 +29,9 @@ Usage::
 
 Sizes: ``tiny`` (seconds, used by the test suite), ``small`` (d_model 256, 4 layers, 64 tokens),
 ``full`` (``small`` plus a GPT-2-small-shaped model: 12 layers, d_model 768, 12 heads, d_mlp 3072,
-vocabulary 50257, at ``--gpt2-len`` tokens, default 16).
+vocabulary 50257, at ``--gpt2-len`` tokens, default 16; and a SmolLM2-135M-shaped LLaMA: 30 layers,
+d_model 576, 9 heads / 3 KV heads, SwiGLU d_mlp 1536, RMSNorm, rotary, 32 tokens), ``smollm2`` (that
+one alone).
 """
 
 import argparse
@@ -66,6 +68,8 @@ class Case:
     norm_rows: str = "all"  # "all": the whole Norm collapse; "last": only the last row (one slice)
     probes: tuple[int, ...] = (4, 16, 64)
     jacobian_loop: bool = True
+    family: str = "gpt2"  # "gpt2": LayerNorm, GELU MLP, learned positions; "llama": RMSNorm, SwiGLU, rotary, GQA
+    n_kv_heads: int | None = None
 
 
 def cases(size: str, gpt2_len: int) -> list[Case]:
@@ -83,7 +87,21 @@ def cases(size: str, gpt2_len: int) -> list[Case]:
         norm_rows="last",
         probes=(16, 64),
     )
-    return {"tiny": [tiny], "small": [small], "full": [small, gpt2]}[size]
+    smollm2 = Case(
+        "smollm2-shape-N32",
+        n_layers=30,
+        d_model=576,
+        n_heads=9,
+        d_mlp=1536,
+        n_pos=32,
+        d_vocab=49152,
+        norm_rows="last",
+        probes=(16, 64),
+        jacobian_loop=False,
+        family="llama",
+        n_kv_heads=3,
+    )
+    return {"tiny": [tiny], "small": [small], "full": [small, gpt2, smollm2], "smollm2": [smollm2]}[size]
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -154,12 +172,14 @@ def matmul_gflops(threads: int, n: int = 1024, repeat: int = 5) -> float:
 def forward_flops(case: Case, n: int) -> float:
     """Flops of one forward of the frozen replay at length ``n`` up to the last ``resid_post``.
 
-    Per layer: Q, K, V and O projections ``2 n (4 D²)``, the MLP ``2 n (2 D d_mlp)``, scores and
-    mixing ``2 · 2 n² D`` (counted in full; the frozen replay still computes the scores). Norms and
-    elementwise work are ignored (a few percent).
+    Per layer: Q, K, V and O projections ``2 n (2 D² + 2 D D_kv)`` (``D_kv = D`` without GQA), the
+    MLP ``2 n (2 D d_mlp)`` (gated: ``3``), scores and mixing ``2 · 2 n² D`` (counted in full; the
+    frozen replay still computes the scores). Norms and elementwise work are ignored (a few percent).
     """
     d = case.d_model
-    per_layer = 2 * n * 4 * d * d + 2 * n * 2 * d * case.d_mlp + 4 * n * n * d
+    kv = d * (case.n_kv_heads or case.n_heads) // case.n_heads  # width of K and V (GQA)
+    mlp_mats = 3 if case.family == "llama" else 2  # gate, up, down vs in, out
+    per_layer = 2 * n * (2 * d * d + 2 * d * kv) + 2 * n * mlp_mats * d * case.d_mlp + 4 * n * n * d
     return float(case.n_layers * per_layer)
 
 
@@ -175,6 +195,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 def build_model(case: Case, backend: str) -> Any:
     """A random float32 GPT-2-style model of the case's shape."""
     torch.manual_seed(0)
+    if case.family == "llama":
+        return _llama(case, backend)
     if backend == "hooked":
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -210,6 +232,53 @@ def build_model(case: Case, backend: str) -> Any:
         model = bridge_from_hf(hf.float().eval())
     model.eval()
     model.requires_grad_(False)  # Jacobians w.r.t. the input only: no graph through the weights
+    return model
+
+
+def _llama(case: Case, backend: str) -> Any:
+    """A random float32 LLaMA-family model (RMSNorm, SwiGLU, rotary, GQA): SmolLM2's shape."""
+    if backend == "hooked":
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(
+            n_layers=case.n_layers,
+            d_model=case.d_model,
+            n_heads=case.n_heads,
+            n_key_value_heads=case.n_kv_heads,
+            d_head=case.d_model // case.n_heads,
+            d_mlp=case.d_mlp,
+            d_vocab=case.d_vocab,
+            n_ctx=max(1024, case.n_pos),
+            act_fn="silu",
+            gated_mlp=True,
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=case.d_model // case.n_heads,
+            final_rms=True,
+            dtype=torch.float32,
+            seed=0,
+        )
+        model = HookedTransformer(cfg, move_to_device=False)
+    else:
+        import transformers
+
+        from tl_tensorlens._backend import bridge_from_hf
+
+        hf = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                num_hidden_layers=case.n_layers,
+                hidden_size=case.d_model,
+                num_attention_heads=case.n_heads,
+                num_key_value_heads=case.n_kv_heads,
+                intermediate_size=case.d_mlp,
+                vocab_size=case.d_vocab,
+                max_position_embeddings=max(1024, case.n_pos),
+                tie_word_embeddings=True,
+            )
+        )
+        model = bridge_from_hf(hf.float().eval())
+    model.eval()
+    model.requires_grad_(False)
     return model
 
 
@@ -314,7 +383,7 @@ def run_case(case: Case, backend: str, peak_gflops: float, log: Callable[[str], 
 # ------------------------------------------------------------------------------------------ main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--size", choices=("tiny", "small", "full"), default="small")
+    p.add_argument("--size", choices=("tiny", "small", "full", "smollm2"), default="small")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--gpt2-len", type=int, default=16, help="tokens of the GPT-2-small-shaped model (full)")
