@@ -167,6 +167,30 @@ def stop_at(name: str, transform: Callable[[Tensor], Tensor] | None = None) -> t
     return (name, hook)
 
 
+@contextlib.contextmanager
+def recording_modules(model: Any, paths: Sequence[str]) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+    """Context recording the (detached) input and output of the modules at ``paths`` during whatever
+    forward runs inside it — e.g. TL's own ``run_with_cache``, so a capture needs no second forward.
+    The hooks are removed on exit, also when the body raises."""
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def recorder(path: str) -> Callable[..., None]:
+        def rec(mod: Any, inp: Any, out: Tensor) -> None:
+            seen[path] = (inp[0].detach(), out.detach())
+
+        return rec
+
+    handles = []
+    with model_lock(model):
+        try:
+            for path in paths:
+                handles.append(model.get_submodule(path).register_forward_hook(recorder(path)))
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
+
+
 def module_io(model: Any, tokens: Tensor, paths: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
     """Input and output of the modules at ``paths`` during one forward (for activations TL has no
     hook point for, e.g. the GELU inside a BERT MLM head)."""
@@ -193,6 +217,7 @@ __all__ = [
     "hooks_on",
     "model_lock",
     "module_io",
+    "recording_modules",
     "record",
     "run",
     "stop_at",

@@ -18,6 +18,7 @@ plots can read attention patterns or residuals from the same capture without ano
 
 import hashlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -468,10 +469,43 @@ def _mlm_head_activations(model: Any) -> dict[str, torch.nn.Module] | None:
     return None
 
 
+#: Per model: (what the probe's answer depends on, the answer) of :func:`_detect_observational_patterns`.
+_OBSERVATIONAL: "weakref.WeakKeyDictionary[Any, tuple[Any, frozenset[int]]]" = weakref.WeakKeyDictionary()
+
+
 def _detect_observational_patterns(
     model: Any, tokens: Tensor, cache: dict[str, Tensor], n_layers: int
 ) -> frozenset[int]:
-    """Layers where editing ``hook_pattern`` does not change ``hook_z`` (pattern only observed)."""
+    """Layers where editing ``hook_pattern`` does not change ``hook_z`` (pattern only observed).
+
+    Whether a layer's pattern is observational is a property of how the model computes attention
+    (e.g. a BERT Bridge delegating it to Hugging Face), not of the prompt, so the probe forward runs
+    once per model and configuration (keyed by the config, the Hugging Face attention implementation
+    and the layers that have a ``hook_z``) and is reused by later captures.
+    """
+    hf_config = getattr(getattr(model, "original_model", None), "config", None)
+    key = (
+        _config_items(model),
+        str(getattr(hf_config, "_attn_implementation", None)),
+        tuple(layer for layer in range(n_layers) if f"blocks.{layer}.attn.hook_z" in cache),
+    )
+    try:
+        known = _OBSERVATIONAL.get(model)
+    except TypeError:  # not weak-referenceable: probe every time
+        known = None
+    if known is not None and known[0] == key:
+        return known[1]
+    found = _probe_observational_patterns(model, tokens, cache, n_layers)
+    try:
+        _OBSERVATIONAL[model] = (key, found)
+    except TypeError:
+        pass
+    return found
+
+
+def _probe_observational_patterns(
+    model: Any, tokens: Tensor, cache: dict[str, Tensor], n_layers: int
+) -> frozenset[int]:
     seen: dict[int, Tensor] = {}
 
     def zero_pattern(pattern: Tensor, hook: Any) -> Tensor:
@@ -588,8 +622,10 @@ def _capture(model: Any, tokens: Any, batched: bool = False) -> FrozenState:
         tokens = as_prompt_tokens(tokens, model)
     n_layers = int(model.cfg.n_layers)
     signature = model_signature(model)
-    with _hooks.model_lock(model), torch.no_grad():
-        # TL's own caching forward: its hooks live and die inside run_with_cache.
+    head_acts = _mlm_head_activations(model) if backend in ("encoder", "bridge") else {}
+    with _hooks.model_lock(model), torch.no_grad(), _hooks.recording_modules(model, list(head_acts or {})) as records:
+        # TL's own caching forward: its hooks live and die inside run_with_cache. The MLM head's
+        # activation (no TL hook point) is recorded by module hooks during the same forward.
         logits, cache_obj = model.run_with_cache(tokens)
     cache: dict[str, Tensor] = {k: v.detach() for k, v in dict(cache_obj.items()).items()}
     if "blocks.0.hook_resid_pre" not in cache:
@@ -648,8 +684,7 @@ def _capture(model: Any, tokens: Any, batched: bool = False) -> FrozenState:
     head_act_ratio: dict[str, Tensor] = {}
     unsupported_outputs: dict[str, str] = {}
     if backend in ("encoder", "bridge"):
-        acts = _mlm_head_activations(model)
-        if acts is None:
+        if head_acts is None:
             unsupported_outputs.update(
                 {
                     out: "the MLM head's activation (between its dense layer and LayerNorm) has no hook and "
@@ -657,8 +692,6 @@ def _capture(model: Any, tokens: Any, batched: bool = False) -> FrozenState:
                     for out in ("ln_final", "logits")
                 }
             )
-            acts = {}
-        records = _hooks.module_io(model, tokens, list(acts))
         act_name = act_fn if act_fn in ACTIVATION_SLOPE_AT_ZERO else "gelu"
         for name, (inp, out) in records.items():
             head_act_ratio[name] = activation_ratio(inp, out, act_name)
