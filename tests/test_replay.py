@@ -110,6 +110,30 @@ def test_bridge_replay_exact(name):
         assert state.is_causal
 
 
+def test_observational_pattern_probe_runs_once_per_model_and_config(monkeypatch):
+    """The probe forward (does editing hook_pattern change hook_z?) is a property of the model, so
+    later captures reuse its answer; another model object probes again (the key also holds the config and
+    the Hugging Face attention implementation)."""
+    import importlib
+
+    cap = importlib.import_module("tl_tensorlens.capture")
+
+    calls = []
+    real = cap._probe_observational_patterns
+    monkeypatch.setattr(cap, "_probe_observational_patterns", lambda *a: calls.append(1) or real(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bert, gpt2 = bridge_model("bert"), bridge_model("gpt2")
+    first = capture(bert, TOKENS[:, :6])
+    again = capture(bert, TOKENS[:, 2:9])
+    assert len(calls) == 1 and first.rebuild_z == again.rebuild_z and first.rebuild_z
+    assert not capture(gpt2, TOKENS[:, :6]).rebuild_z and len(calls) == 2
+    import copy
+
+    capture(copy.deepcopy(bert), TOKENS[:, :6])  # another model object: probed again
+    assert len(calls) == 3
+
+
 def test_batch_equals_single_replays(decoder):
     model = decoder("llama_gqa")
     state = capture(model, TOKENS)
