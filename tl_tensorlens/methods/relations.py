@@ -602,7 +602,7 @@ class LinearRelationJVP:
             s_k = read_model(model, tokens[k : k + 1], positions[k], layers=(layer,)).subject[layer]
             fn = _subject_forward(model, tokens[k : k + 1], positions[k], layer)
             with torch.inference_mode(False), torch.enable_grad():
-                f_k, j_s = torch.func.jvp(fn, (s_k,), (s_k,))
+                f_k, j_s = torch.func.jvp(fn, (s_k,), (s_k,))[:2]
             b_k = (f_k - j_s).detach()[0]
             total = b_k if total is None else total + b_k
         assert total is not None
