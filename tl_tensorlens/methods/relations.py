@@ -195,9 +195,8 @@ class MeanTensor:
     ) -> "MeanTensor":
         """Average the last-position slices and biases of ``TensorLens.from_model`` over prompts.
 
-        Memory: one ``[d_out, pos, d_model]`` running sum; each prompt's lens is dropped as soon as
-        its slice is added (``d_model·pos·d_out`` floats, e.g. 0.28 GB for GPT-2 small at 60 tokens
-        in float64).
+        Memory: one ``[d_out, pos, d_model]`` running sum (``d_model·pos·d_out`` floats, e.g. 0.28 GB
+        for GPT-2 small at 60 tokens in float64) beside the prompts' captures.
 
         Args:
             model: A TransformerLens model supported by :class:`tl_tensorlens.TensorLens`.
@@ -208,34 +207,8 @@ class MeanTensor:
         Raises:
             TensorLensError: No prompt given.
         """
-        from tl_tensorlens.tensors import TensorLens
-
-        if tokens.ndim != 2 or tokens.shape[0] == 0:
-            raise ArgumentError("tokens", tuple(tokens.shape), "aligned prompts [n >= 1, pos]")
-        rows = range(tokens.shape[0])
-        if progress:
-            from tqdm.auto import tqdm
-
-            rows = tqdm(rows, desc="mean tensor", leave=False)
-        weight: Tensor | None = None
-        bias: Tensor | None = None
-        last = tokens.shape[1] - 1
-        for k in rows:
-            # Slices are vector-Jacobian products of the frozen replay: grads must be on even
-            # when the caller (e.g. the study) runs under no_grad.
-            with torch.enable_grad():
-                lens = TensorLens.from_model(model, tokens[k : k + 1], output=output)
-                t_k, c_k = lens.slice(last).detach(), lens.bias[last].detach()
-            del lens
-            if weight is None:
-                weight, bias = t_k.clone(), c_k.clone()
-            else:
-                assert bias is not None  # set together with weight; for the type checker
-                weight += t_k
-                bias += c_k
-        assert weight is not None and bias is not None
-        n = tokens.shape[0]
-        return cls(weight / n, bias / n, n, output)
+        # The captures of MeanTensorReplay, built densely (d_out VJPs per prompt).
+        return MeanTensorReplay.fit(model, tokens, output=output).materialize(progress=progress)
 
     def apply(self, x: Float[Tensor, "*batch pos d_model"], *, bias: bool = True) -> Float[Tensor, "*batch d_out"]:
         """``ŷ = Σ_j T̄[:, j, :] x_j (+ c̄)`` for inputs ``x`` at ``blocks.0.hook_resid_pre``.
@@ -278,6 +251,17 @@ def _subject_forward(model: Any, tokens: Tensor, subject_pos: int, layer: int) -
         return _last_unembed_input(model, batch, [(hook_name, put)])
 
     return forward
+
+
+def _subject_positions(tokens: Tensor, subject_pos: int | Sequence[int]) -> list[int]:
+    """One subject position per prompt (a shared one repeated), checked against the prompt count."""
+    n = tokens.shape[0]
+    if tokens.ndim != 2 or n == 0:
+        raise ArgumentError("tokens", tuple(tokens.shape), "at least one prompt [n >= 1, pos]")
+    positions = [subject_pos] * n if isinstance(subject_pos, int) else list(subject_pos)
+    if len(positions) != n:
+        raise ArgumentError("subject_pos", positions, f"one position, or {n} positions (one per prompt)")
+    return positions
 
 
 def lre_example(
@@ -344,12 +328,8 @@ class LinearRelationEmbedding:
             beta: Weight scale.
             progress: Show a tqdm bar.
         """
-        n = tokens.shape[0]
-        if n == 0:
-            raise ArgumentError("tokens", tuple(tokens.shape), "at least one prompt [n >= 1, pos]")
-        positions = [subject_pos] * n if isinstance(subject_pos, int) else list(subject_pos)
-        if len(positions) != n:
-            raise ArgumentError("subject_pos", positions, f"one position, or {n} positions (one per prompt)")
+        positions = _subject_positions(tokens, subject_pos)
+        n = len(positions)
         rows = range(n)
         if progress:
             from tqdm.auto import tqdm
@@ -590,12 +570,8 @@ class LinearRelationJVP:
         Raises:
             ArgumentError: no prompt, or ``subject_pos`` is neither one position nor one per prompt.
         """
-        n = tokens.shape[0]
-        if tokens.ndim != 2 or n == 0:
-            raise ArgumentError("tokens", tuple(tokens.shape), "at least one prompt [n >= 1, pos]")
-        positions = [subject_pos] * n if isinstance(subject_pos, int) else list(subject_pos)
-        if len(positions) != n:
-            raise ArgumentError("subject_pos", positions, f"one position, or {n} positions (one per prompt)")
+        positions = _subject_positions(tokens, subject_pos)
+        n = len(positions)
         as_int("batch_size", batch_size, lo=1)
         total: Tensor | None = None
         for k in range(n):
