@@ -181,10 +181,12 @@ def _polarity(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[d
         model, head, load_polarity_data().test.sentences[: args.n_sentences], 64, conf_kw
     )
     path = Path(args.work_dir) / f"polarity_{conf.key()}.jsonl"
-    rows = _run(model, examples, readout, conf, path, METHODS, args.n_norm, not args.no_progress, args.notes)
+    methods = _methods(args, METHODS, ig_baseline=conf.mask_token_id, keep=conf.special_token_ids)
+    rows = _run(model, examples, readout, conf, path, methods, args.n_norm, not args.no_progress, args.notes)
     return rows, (
-        f"MiniLM (all-MiniLM-L6-v2, HookedEncoder fp32) + {head_note}; {len(examples)} held-out "
-        f"test sentences (seed-0 split), [MASK] replacement, [CLS]/[SEP] never masked"
+        f"MiniLM (all-MiniLM-L6-v2, {type(model).__name__} fp32) + {head_note}; {len(examples)} held-out "
+        f"test sentences (seed-0 split), [MASK] replacement, [CLS]/[SEP] never masked; Integrated Gradients "
+        f"from the [MASK] embedding ({IG_REF}, [CLS]/[SEP] kept)"
     )
 
 
