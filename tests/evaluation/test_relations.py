@@ -20,8 +20,10 @@ from tl_tensorlens.evaluation.relations import (
     align_sample,
     align_samples,
     build_prompt,
+    comparison_table,
     decoding_metrics,
     default_data_dir,
+    item_scores,
     load_relation,
     load_relations,
     load_results,
@@ -256,6 +258,38 @@ def test_summary_table_and_plot():
     assert "| r | 3 | 4.0 | 0.25 | **0.75 ± 0.25** | 0.33 ± 0.29 |" in table
     fig = plot_relation_results(rows, title="t")
     assert type(fig).__name__ == "Figure" and len(fig.axes) == 1
+
+
+def test_comparison_table_wins_ties_losses_by_paired_bootstrap():
+    def row(rel, method, hits, split=0):
+        return {
+            "relation": rel,
+            "relation_type": "t",
+            "method": method,
+            "status": "ok",
+            "split": split,
+            "hits": {"faithfulness": hits},
+        }
+
+    rows = [
+        row("r1", "mean_tensor", "11111"),
+        row("r1", "lre_b1", "00000"),
+        row("r1", "mean_tensor", "11111", 1),
+        row("r1", "lre_b1", "00000", 1),
+        row("r2", "mean_tensor", "1010"),
+        row("r2", "lre_b1", "1010"),
+        row("r3", "mean_tensor", "000000"),
+        row("r3", "lre_b1", "111111"),
+        {"relation": "r4", "method": "mean_tensor", "status": "ok", "split": 0, "faithfulness": 1.0},  # 0.2 rows
+    ]
+    assert item_scores(rows)["r1"]["mean_tensor"] == [1.0] * 10  # pooled over splits
+    table = comparison_table(rows)
+    lines = table.splitlines()
+    assert "| r1 | t | 10 | 1.00 [1.00, 1.00] | **+1.00 [+1.00, +1.00]** |" in lines
+    assert "| r2 | t | 4 | 0.50 [0.00, 1.00] | +0.00 [+0.00, +0.00] |" in lines
+    assert "| r3 | t | 6 | 0.00 [0.00, 0.00] | _-1.00 [-1.00, -1.00]_ |" in lines
+    assert not any(line.startswith("| r4 ") for line in lines)  # no per-prompt hits: left out
+    assert "| lre_b1 | 3 | 1 | 1 | 1 | +0.000 [" in table
 
 
 # --------------------------------------------------------------------------- study
