@@ -153,6 +153,7 @@ PINNED: dict[str, list[str]] = {
         "format_table",
         "load_rows",
         "open_store",
+        "paired_differences",
         "per_example_scores",
         "rank_positions",
         "run_perturbation",

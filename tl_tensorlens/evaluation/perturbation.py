@@ -577,6 +577,66 @@ def format_table(summaries: Sequence[MethodSummary]) -> str:
     return "\n".join(lines)
 
 
+def _auc_by_example(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[tuple[Any, ...], float]]:
+    """Per (method, order): the accuracy AUC of every example, keyed by (model, example, tokens)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["order"], r["model"], r["example"], r["tokens"]), []).append(r)
+    out: dict[tuple[str, str], dict[tuple[Any, ...], float]] = {}
+    for (m, d, *example), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["fraction"])
+        out.setdefault((m, d), {})[tuple(example)] = metrics.auc(
+            [r["fraction"] for r in rs], [r["correct"] for r in rs]
+        )
+    return out
+
+
+def paired_differences(
+    rows: Sequence[dict[str, Any]],
+    references: Sequence[str],
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> str:
+    """A Markdown table of paired differences in accuracy AUC: each reference method minus every other
+    method, per direction, over the examples both ran on (95 % percentile bootstrap over examples).
+
+    A difference whose CI excludes 0 in the reference's favour (lower in positive perturbation,
+    higher in negative) is **bold**, against it *italic*; otherwise the two are not separated.
+
+    Example:
+        >>> rows = [dict(method=m, order="positive", model="m", example=e, tokens="t", fraction=f,
+        ...              correct=c) for m, c0 in (("a", 0.0), ("b", 1.0)) for e in range(5)
+        ...         for f, c in ((0.0, 1.0), (0.1, c0))]
+        >>> print(paired_differences(rows, ["a"]).splitlines()[2])
+        | b | **-0.50 [-0.50, -0.50]** (5) |
+    """
+    auc = _auc_by_example(rows)
+    dirs = [d for d in ("positive", "negative") if any(k[1] == d for k in auc)]
+    refs = [r for r in references if any((r, d) in auc for d in dirs)]
+    others = [m for m in dict.fromkeys(k[0] for k in auc) if m not in refs or len(refs) > 1]
+    head = ["method"] + [f"{r} − method, AUC ({'pos' if d == 'positive' else 'neg'})" for r in refs for d in dirs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in others:
+        cells = [m]
+        for r in refs:
+            for d in dirs:
+                a, b = auc.get((r, d), {}), auc.get((m, d), {})
+                common = [k for k in a if k in b]
+                if m == r or not common:
+                    cells.append("–")
+                    continue
+                e = metrics.paired_difference_ci(
+                    [a[k] for k in common], [b[k] for k in common], n_resamples=n_resamples, seed=seed
+                )
+                better = e.high < 0 if d == "positive" else e.low > 0
+                worse = e.low > 0 if d == "positive" else e.high < 0
+                text = f"{e.mean:+.2f} [{e.low:+.2f}, {e.high:+.2f}]"
+                cells.append((f"**{text}**" if better else f"*{text}*" if worse else text) + f" ({len(common)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 __getattr__ = moved_names(__name__, {"plot_curves": "tl_tensorlens.viz.plots:plot_perturbation_curves"})
 
 __all__ = [
@@ -595,6 +655,7 @@ __all__ = [
     "format_table",
     "load_rows",
     "open_store",
+    "paired_differences",
     "per_example_scores",
     "rank_positions",
     "run_perturbation",

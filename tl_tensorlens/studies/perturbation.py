@@ -38,6 +38,7 @@ from tl_tensorlens.evaluation.perturbation import (
     NextTokenReadout,
     PerturbationConfig,
     format_table,
+    paired_differences,
     per_example_scores,
     run_perturbation,
     summarize,
@@ -379,6 +380,16 @@ def _section(
         fig.savefig(docs_dir / f"perturbation_{name}.png", dpi=110)
     scores = per_example_scores(rows)
     lines = [f"### {name}", "", desc, "", table, "", f"![{name} curves](perturbation_{name}.png)", ""]
+    present = {r["method"] for r in rows}
+    refs = [m for m in ("tensor_in_class", "tensor_in_out", "tensor_norm", RANDOMIZED_NORM) if m in present]
+    if refs:
+        lines += [
+            "Paired differences in accuracy AUC (collapse − method, over the examples both ran on; 95 % "
+            "bootstrap CI; **bold**: the collapse is better, *italic*: worse, plain: not separated):",
+            "",
+            paired_differences(rows, refs, n_resamples=args.n_bootstrap, seed=0),
+            "",
+        ]
     if extra:
         lines += [
             "Ground truth (first 100 sequences): share of sequences where the method ranks the induction "
