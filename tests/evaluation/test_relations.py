@@ -289,7 +289,8 @@ def test_comparison_table_wins_ties_losses_by_paired_bootstrap():
     assert "| r2 | t | 4 | 0.50 [0.00, 1.00] | +0.00 [+0.00, +0.00] |" in lines
     assert "| r3 | t | 6 | 0.00 [0.00, 0.00] | _-1.00 [-1.00, -1.00]_ |" in lines
     assert not any(line.startswith("| r4 ") for line in lines)  # no per-prompt hits: left out
-    assert "| lre_b1 | 3 | 1 | 1 | 1 | +0.000 [" in table
+    assert "| lre_b1 | all | 3 | 1 | 1 | 1 | +0.000 [" in table
+    assert "| lre_b1 | t | 3 | 1 | 1 | 1 |" in comparison_table(rows, by_type=True)
 
 
 # --------------------------------------------------------------------------- study

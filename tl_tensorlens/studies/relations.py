@@ -222,7 +222,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     if args.table:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
         Path(args.table).write_text(table + "\n", encoding="utf-8")
-    comparison = comparison_table(rows, metric=args.metric, others=[m for m in config.methods() if m != "mean_tensor"])
+    comparison = comparison_table(
+        rows, metric=args.metric, others=[m for m in config.methods() if m != "mean_tensor"], by_type=True
+    )
     if args.comparison:
         Path(args.comparison).parent.mkdir(parents=True, exist_ok=True)
         Path(args.comparison).write_text(comparison + "\n", encoding="utf-8")

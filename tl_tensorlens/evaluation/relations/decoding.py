@@ -616,6 +616,7 @@ def comparison_table(
     *,
     reference: str = "mean_tensor",
     others: Sequence[str] | None = None,
+    by_type: bool = False,
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> str:
@@ -624,8 +625,9 @@ def comparison_table(
     Per relation the 95 % percentile-bootstrap CI of the mean difference (resampling test prompts,
     pooled over splits) decides a **win** (CI above 0), **loss** (below 0) or **tie**. The first table
     has one line per relation (the reference's score with its CI, and for every other method the
-    difference with its CI); the second counts wins / ties / losses per method and gives the mean
-    difference over relations with a CI resampling relations.
+    difference with its CI); the second counts wins / ties / losses per method (and, with
+    ``by_type=True``, per relation type) and gives the mean difference over relations with a CI
+    resampling relations.
 
     Example:
         >>> rows = [{"relation": "r", "method": m, "status": "ok", "split": 0, "relation_type": "t",
@@ -642,8 +644,8 @@ def comparison_table(
         others = [m for m in ok_methods(rows) if m != reference]
     header = ["relation", "type", "n", f"{reference} {metric}", *[f"{reference} − {m}" for m in others]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    tally: dict[str, list[int]] = {m: [0, 0, 0] for m in others}
-    diffs: dict[str, list[float]] = {m: [] for m in others}
+    tally: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    diffs: dict[tuple[str, str], list[float]] = defaultdict(list)
     for rel in sorted(scores, key=lambda r: (types.get(r, ""), r)):
         per = scores[rel]
         if reference not in per:
@@ -656,18 +658,27 @@ def comparison_table(
                 cells.append("–")
                 continue
             d = paired_difference_ci(ref, per[m], n_resamples=n_resamples, seed=seed)
-            diffs[m].append(d.mean)
             verdict = 0 if d.low > 0 else (2 if d.high < 0 else 1)
-            tally[m][verdict] += 1
+            for group in ("all", types.get(rel, "")):
+                diffs[(m, group)].append(d.mean)
+                tally[(m, group)][verdict] += 1
             text = f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
             cells.append(f"**{text}**" if verdict == 0 else (f"_{text}_" if verdict == 2 else text))
         lines.append(f"| {rel} | {types.get(rel, '')} | {len(ref)} | " + " | ".join(cells) + " |")
-    lines += ["", f"| {reference} vs | relations | wins | ties | losses | mean difference over relations [95 % CI] |"]
-    lines.append("|---|---|---|---|---|---|")
+    lines += [
+        "",
+        f"| {reference} vs | relation type | relations | wins | ties | losses | mean difference over relations [95 % CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups = ["all", *sorted({g for g in types.values() if g} if by_type else set())]
     for m in others:
-        if not diffs[m]:
-            continue
-        w, t, los = tally[m]
-        d = bootstrap_ci(diffs[m], n_resamples=n_resamples, seed=seed)
-        lines.append(f"| {m} | {len(diffs[m])} | {w} | {t} | {los} | {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] |")
+        for group in groups:
+            if not diffs.get((m, group)):
+                continue
+            w, t, los = tally[(m, group)]
+            d = bootstrap_ci(diffs[(m, group)], n_resamples=n_resamples, seed=seed)
+            lines.append(
+                f"| {m} | {group} | {len(diffs[(m, group)])} | {w} | {t} | {los} | "
+                f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] |"
+            )
     return "\n".join(lines)
