@@ -435,6 +435,7 @@ PINNED: dict[str, list[str]] = {
         "plot_method_comparison",
         "plot_patching",
         "plot_perturbation_curves",
+        "plot_relation_comparison",
         "plot_relation_results",
         "plot_relevance_strip",
         "plot_top_heads",

@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None, help="write the Markdown table here")
     p.add_argument("--plot", default=None, help="write the bar plot here (png/pdf/svg)")
     p.add_argument(
+        "--scatter",
+        default=None,
+        help="write the per-relation comparison plot here (mean tensor vs each other method; png/pdf/svg)",
+    )
+    p.add_argument(
         "--comparison",
         default=None,
         help="write the relation-by-relation comparison (mean tensor vs every other method, paired bootstrap "
@@ -236,6 +241,17 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
             rows, metric=args.metric, methods=config.methods(), title=args.model_name or args.model
         )
         fig.savefig(args.plot, dpi=120)
+    if args.scatter:
+        Path(args.scatter).parent.mkdir(parents=True, exist_ok=True)
+        from tl_tensorlens.viz.plots import plot_relation_comparison
+
+        fig = plot_relation_comparison(
+            rows,
+            metric=args.metric,
+            others=[m for m in config.methods() if m != "mean_tensor"],
+            title=args.model_name or args.model,
+        )
+        fig.savefig(args.scatter, dpi=110)
     if args.update_doc:
         command = f"{prog or 'python -m tl_tensorlens.studies.relations'} " + " ".join(shlex.quote(a) for a in argv)
         _update_doc(Path(args.update_doc), command, table + "\n\n" + comparison)

@@ -728,6 +728,67 @@ def plot_relation_results(
     return fig
 
 
+def plot_relation_comparison(
+    rows: Iterable[dict[str, Any]],
+    *,
+    reference: str = "mean_tensor",
+    others: Sequence[str] | None = None,
+    metric: str = "faithfulness",
+    title: str | None = None,
+) -> Any:
+    """One panel per compared method: each relation is a point (x: the method's score, y: the
+    reference's, means over splits), coloured by relation type, with the diagonal; points above it are
+    relations where the reference scores higher. Readable with dozens of relations, where grouped bars
+    are not.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (never shown).
+
+    Example:
+        >>> rows = [{"relation": r, "relation_type": "t", "method": m, "status": "ok", "faithfulness": f,
+        ...          "random": 0.5, "n_test": 4, "split": 0}
+        ...         for r in ("a", "b") for m, f in [("mean_tensor", 0.8), ("lre_b1", 0.5)]]
+        >>> len(plot_relation_comparison(rows).axes)
+        1
+    """
+    from matplotlib.figure import Figure
+
+    from tl_tensorlens.evaluation.relations.decoding import ok_methods, summarize_results
+
+    rows = list(rows)
+    summary = summarize_results(rows, metric)
+    types = {r["relation"]: r.get("relation_type") or "?" for r in rows}
+    if others is None:
+        others = [m for m in ok_methods(rows) if m != reference]
+    kinds = sorted(set(types.values()))
+    colors = {k: f"C{i}" for i, k in enumerate(kinds)}
+    n = max(len(others), 1)
+    cols = min(n, 4)
+    grid = (n + cols - 1) // cols
+    fig = Figure(figsize=(3.2 * cols, 3.2 * grid + 0.4), layout="constrained")
+    for i, m in enumerate(others):
+        ax = fig.add_subplot(grid, cols, i + 1)
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+        for kind in kinds:
+            pts = [
+                (summary[r]["methods"][m][0], summary[r]["methods"][reference][0])
+                for r in summary
+                if types.get(r) == kind and m in summary[r]["methods"] and reference in summary[r]["methods"]
+            ]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), s=14, color=colors[kind], label=kind)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"{m} {metric}", fontsize=8)
+        ax.set_ylabel(f"{reference} {metric}", fontsize=8)
+        ax.set_aspect("equal")
+        if i == 0:
+            ax.legend(fontsize="x-small")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def plot_head_summary(
     contributions: Float[Tensor, "layer head"],
     *,
@@ -962,6 +1023,7 @@ __all__ = [
     "plot_method_comparison",
     "plot_patching",
     "plot_perturbation_curves",
+    "plot_relation_comparison",
     "plot_relation_results",
     "plot_relevance_strip",
     "plot_top_heads",
