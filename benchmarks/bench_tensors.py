@@ -7,12 +7,14 @@ What is measured, per model (random weights, float32, ``output="resid_post"``, l
   ``torch.func.jacrev`` applied to ``x -> replay.run(model, state, x[None], spec)[0, i]`` — the same
   frozen replay, so every method must agree (the max relative difference to the lens is reported);
 * wall time, peak memory and achieved GFLOP/s against this machine's measured float32 matmul
-  GFLOP/s. The flop floor of a slice is ``d_model`` vector-Jacobian products. A VJP with respect to
-  the *input only* (weights have ``requires_grad=False``) costs about one forward: every linear map
-  ``x W`` needs ``g Wᵀ`` but not ``xᵀ g``. So the floor is ``d_model x forward flops`` estimated from
-  the config (projections, MLP, attention scores and mixing), and achieved GFLOP/s = floor / time.
-  (Counting 2x forward per VJP, as when weight gradients are also formed, would double every
-  GFLOP/s figure; ``VJP_FLOP_FACTOR`` below sets it.)
+  GFLOP/s (a 1024³ product, and the best GEMM at the case's own backward shapes). The flop floor of
+  a slice is ``d_model`` vector-Jacobian products through the frozen replay. A VJP with respect to
+  the *input only* (weights have ``requires_grad=False``) forms ``g Wᵀ`` but not ``xᵀ g`` for every
+  linear map, and never reaches Q, K, the scores (the pattern is frozen) or a gated MLP's gate
+  projection (the gate is a frozen multiplier), so the floor is ``d_model x vjp_flops`` (O and V
+  projections, the MLP's in/up and out projections, pattern mixing) and achieved GFLOP/s = floor /
+  time. (Counting weight gradients as well would double every GFLOP/s figure; ``VJP_FLOP_FACTOR``
+  below sets it.)
 * the exact Norm collapse (``lens.collapse("norm")``: one slice per output row) against the
   randomized one (``lens.collapse_randomized_norm(k)``): time, Spearman rho over the causal entries
   (``pos_in <= pos_out``) and the mean relative error.
@@ -157,29 +159,66 @@ def measure(fn: Callable[[], Any]) -> Measure:
     return Measure(seconds, peak[0] - base, result)
 
 
-def matmul_gflops(threads: int, n: int = 1024, repeat: int = 5) -> float:
-    """This machine's float32 matmul GFLOP/s (best of ``repeat`` n x n products)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    _ = a @ b  # warm-up
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def matmul_gflops(threads: int, m: int = 1024, k: int = 1024, n: int = 1024, seconds: float = 1.0) -> float:
+    """This machine's float32 GEMM rate, ``[m, k] @ [k, n]``, in GFLOP/s.
+
+    Products are repeated for about ``seconds`` after a warm-up and the best of five equal windows is
+    kept: one short burst (the old reference) read anywhere from 130 to 220 GFLOP/s on this machine
+    depending on what ran just before, which made "% of matmul" meaningless.
+    """
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    t0 = time.perf_counter()
+    reps = 0
+    while time.perf_counter() - t0 < 0.2 or reps < 2:  # warm-up, and how many products fill a window
         _ = a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+        reps += 1
+    per_window = max(1, int(reps * seconds / 5 / (time.perf_counter() - t0)))
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(per_window):
+            _ = a @ b
+        best = min(best, (time.perf_counter() - t0) / per_window)
+    return 2 * m * k * n / best / 1e9
+
+
+def case_gemm_gflops(case: Case, threads: int) -> float:
+    """The best GEMM rate at the shapes that dominate a slice's batched backward: a chunk of
+    cotangents through the MLP, ``[m, d_mlp] @ [d_mlp, d_model]`` with ``m`` = 1024 or 4096 rows
+    (cotangents x positions). A single ``m = d_model · n_pos`` product would understate it: its left
+    factor no longer fits the cache (50 MB at SmolLM2's shape) and it runs memory-bound."""
+    return max(matmul_gflops(threads, m, case.d_mlp, case.d_model, seconds=0.5) for m in (1024, 4096))
 
 
 def forward_flops(case: Case, n: int) -> float:
-    """Flops of one forward of the frozen replay at length ``n`` up to the last ``resid_post``.
+    """Flops of one forward of the model at length ``n`` up to the last ``resid_post`` (for the record).
 
     Per layer: Q, K, V and O projections ``2 n (2 D² + 2 D D_kv)`` (``D_kv = D`` without GQA), the
-    MLP ``2 n (2 D d_mlp)`` (gated: ``3``), scores and mixing ``2 · 2 n² D`` (counted in full; the
-    frozen replay still computes the scores). Norms and elementwise work are ignored (a few percent).
+    MLP ``2 n (2 D d_mlp)`` (gated: ``3``), scores and mixing ``2 · 2 n² D``. Norms and elementwise
+    work are ignored (a few percent).
     """
     d = case.d_model
     kv = d * (case.n_kv_heads or case.n_heads) // case.n_heads  # width of K and V (GQA)
     mlp_mats = 3 if case.family == "llama" else 2  # gate, up, down vs in, out
     per_layer = 2 * n * (2 * d * d + 2 * d * kv) + 2 * n * mlp_mats * d * case.d_mlp + 4 * n * n * d
+    return float(case.n_layers * per_layer)
+
+
+def vjp_flops(case: Case, n: int) -> float:
+    """Flops of one input-only vector-Jacobian product through the **frozen** replay at length ``n``.
+
+    The attention pattern is a frozen constant, so the backward never reaches Q, K or the scores,
+    and a gated MLP's gate ``act(x W_gate)`` is a frozen multiplier, so it never reaches ``W_gate``:
+    per layer it pulls the cotangent through O and V ``2 n (D² + D D_kv)``, the pattern mixing
+    ``2 n² D`` and the MLP's in (or up) and out projections ``2 n (2 D d_mlp)``; with
+    ``requires_grad=False`` weights every linear map costs ``g Wᵀ`` only. This is the slice's flop
+    floor per cotangent (the old floor, one full forward, counted Q, K, the scores and the gate the
+    backward never computes: 17 % too much at GPT-2's shape, 40 % at SmolLM2's, which then read as
+    "more than 100 % of the matmul rate").
+    """
+    d = case.d_model
+    kv = d * (case.n_kv_heads or case.n_heads) // case.n_heads
+    per_layer = 2 * n * (d * d + d * kv) + 2 * n * 2 * d * case.d_mlp + 2 * n * n * d
     return float(case.n_layers * per_layer)
 
 
@@ -283,7 +322,9 @@ def _llama(case: Case, backend: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ one case
-def run_case(case: Case, backend: str, peak_gflops: float, log: Callable[[str], None]) -> dict[str, Any]:
+def run_case(
+    case: Case, backend: str, peak_gflops: float, log: Callable[[str], None], repeat: int = 1
+) -> dict[str, Any]:
     from tl_tensorlens import TensorLens
     from tl_tensorlens.replay import run
 
@@ -299,7 +340,9 @@ def run_case(case: Case, backend: str, peak_gflops: float, log: Callable[[str], 
     def f(x: torch.Tensor) -> torch.Tensor:
         return run(model, state, x[None], spec)[0, i]
 
-    floor = case.d_model * VJP_FLOP_FACTOR * forward_flops(case, case.n_pos)
+    floor = case.d_model * VJP_FLOP_FACTOR * vjp_flops(case, case.n_pos)
+    gemm = case_gemm_gflops(case, torch.get_num_threads())  # measured now, just before the slices
+    log(f"  GEMM at this case's shape: {gemm:.1f} GFLOP/s")
     methods: list[tuple[str, Callable[[], torch.Tensor]]] = [("lens.slice", lambda: lens.slice(i))]
     if case.jacobian_loop:
         methods.append(("autograd.jacobian", lambda: torch.autograd.functional.jacobian(f, x0)))
@@ -309,7 +352,7 @@ def run_case(case: Case, backend: str, peak_gflops: float, log: Callable[[str], 
     rows = []
     ref = None
     for name, fn in methods:
-        m = measure(fn)
+        m = min((measure(fn) for _ in range(repeat)), key=lambda mm: mm.seconds)  # best of `repeat`
         out = m.result.detach()
         if ref is None:
             ref = out
@@ -321,12 +364,14 @@ def run_case(case: Case, backend: str, peak_gflops: float, log: Callable[[str], 
             peak_mib=m.peak_bytes / 2**20,
             gflops=gflops,
             fraction_of_matmul=gflops / peak_gflops,
+            fraction_of_case_gemm=gflops / gemm,
             max_rel_diff_vs_lens=rel,
         )
         rows.append(row)
         log(
             f"  {name:30s} {m.seconds:9.2f} s {row['peak_mib']:9.1f} MiB {gflops:8.1f} GFLOP/s "
-            f"({100 * row['fraction_of_matmul']:5.1f}% of matmul)  rel diff {rel:.1e}"
+            f"({100 * row['fraction_of_matmul']:5.1f}% of matmul, {100 * row['fraction_of_case_gemm']:5.1f}% of case GEMM)"
+            f"  rel diff {rel:.1e}"
         )
         del m, out
     lens_s = rows[0]["seconds"]
@@ -374,7 +419,9 @@ def run_case(case: Case, backend: str, peak_gflops: float, log: Callable[[str], 
     return dict(
         case=asdict(case),
         forward_gflop=forward_flops(case, case.n_pos) / 1e9,
+        vjp_gflop=vjp_flops(case, case.n_pos) / 1e9,
         slice_floor_gflop=floor / 1e9,
+        case_gemm_gflops=gemm,
         slice=rows,
         norm_collapse=norm_rows,
     )
@@ -386,6 +433,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--size", choices=("tiny", "small", "full", "smollm2"), default="small")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--repeat", type=int, default=1, help="time each slice method this many times, keep the best")
     p.add_argument("--gpt2-len", type=int, default=16, help="tokens of the GPT-2-small-shaped model (full)")
     p.add_argument(
         "--backend",
@@ -424,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = True
     for case in cases(args.size, args.gpt2_len):
         print(f"\n{case.name}: L={case.n_layers} D={case.d_model} H={case.n_heads} d_mlp={case.d_mlp} N={case.n_pos}")
-        res = run_case(case, backend, peak, print)
+        res = run_case(case, backend, peak, print, repeat=args.repeat)
         tol = 1e-4  # float32: the methods sum the same products in different orders
         ok = ok and all(r["max_rel_diff_vs_lens"] <= tol for r in res["slice"])
         results.append(res)
@@ -457,15 +505,15 @@ def _tl_version() -> str:
 def summary(results: list[dict[str, Any]]) -> str:
     """Markdown tables of the results (what docs/benchmarks.md quotes)."""
     lines = [
-        "| model | method | time (s) | vs lens | peak RSS (MiB) | GFLOP/s | % of matmul | max rel diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | method | time (s) | vs lens | peak RSS (MiB) | GFLOP/s | % of matmul | % of case GEMM | max rel diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         for r in res["slice"]:
             lines.append(
                 f"| {res['case']['name']} | {r['method']} | {r['seconds']:.2f} | {r['time_vs_lens']:.2f}x | "
                 f"{r['peak_mib']:.0f} | {r['gflops']:.1f} | {100 * r['fraction_of_matmul']:.1f} | "
-                f"{r['max_rel_diff_vs_lens']:.1e} |"
+                f"{100 * r.get('fraction_of_case_gemm', float('nan')):.1f} | {r['max_rel_diff_vs_lens']:.1e} |"
             )
     lines += [
         "",

@@ -1,5 +1,6 @@
 """The benchmark script runs end to end at a tiny size (seconds), so it cannot rot."""
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -43,6 +44,12 @@ def test_flop_model_and_spearman():
     case = bench.Case("c", n_layers=1, d_model=4, n_heads=1, d_mlp=16, n_pos=2)
     # 2·n·4·D² + 2·n·2·D·d_mlp + 4·n²·D = 256 + 512 + 64
     assert bench.forward_flops(case, 2) == 832.0
+    # the frozen replay's VJP skips Q, K and the scores: 2·n·2·D² + 2·n·2·D·d_mlp + 2·n²·D = 128 + 512 + 32
+    assert bench.vjp_flops(case, 2) == 672.0
+    # a gated MLP's gate is a frozen multiplier: the VJP never reaches W_gate, so gated == plain
+    gated = dataclasses.replace(case, family="llama", n_kv_heads=1)
+    assert bench.forward_flops(gated, 2) == 832.0 + 2 * 2 * 4 * 16
+    assert bench.vjp_flops(gated, 2) == 672.0
     import torch
 
     a = torch.tensor([1.0, 2.0, 3.0, 4.0])
