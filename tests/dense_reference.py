@@ -49,13 +49,23 @@ def mlp_matrix(model, state: FrozenState, layer: int) -> Tensor:
     mlp = model.blocks[layer].mlp
     kind = state.mlp_kind[layer]
     if kind == "gated":
-        r = mlp.act_fn(state.frozen[f"blocks.{layer}.mlp.hook_pre"][0])
+        # HookedTransformer's MLP has act_fn; a boot_native GatedMLPBridge wraps a NativeGatedMLP (.act)
+        act = getattr(mlp, "act_fn", None) or mlp._original_component.act
+        r = act(state.frozen[f"blocks.{layer}.mlp.hook_pre"][0])
     elif kind == "plain":
         r = state.frozen[f"blocks.{layer}.mlp.hook_post"][0]
     else:
         raise NotImplementedError(kind)
     W_in, W_out = mlp.W_in.detach(), mlp.W_out.detach()
     return torch.block_diag(*[W_out.T @ torch.diag(r_n) @ W_in.T for r_n in r])
+
+
+def _native_block(model, layer: int) -> bool:
+    """TL's boot_native NativeBlock always runs attention then MLP: it ignores
+    ``cfg.parallel_attn_mlp`` (TL 3.9 and 4.3), so the model computes a sequential block whatever the
+    config says. The lens replays what the model computes; the reference must follow the model too."""
+    inner = getattr(model.blocks[layer], "_original_component", None)
+    return type(inner).__name__ == "NativeBlock"
 
 
 def block_matrix(model, state: FrozenState, layer: int) -> Tensor:
@@ -86,7 +96,7 @@ def block_matrix(model, state: FrozenState, layer: int) -> Tensor:
     mlp_path = mlp_matrix(model, state, layer) @ ln("ln2")
     if sandwich:
         mlp_path = ln("ln2_post") @ mlp_path
-    if cfg.parallel_attn_mlp:
+    if cfg.parallel_attn_mlp and not _native_block(model, layer):
         return eye + attn_path + mlp_path
     return (eye + mlp_path) @ (eye + attn_path)
 

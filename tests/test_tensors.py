@@ -32,23 +32,11 @@ DENSE_FAMILIES = [
 ]
 
 
-#: Known gaps on boot_native bridges, found when these tests were first run there (TL 3.9 and 4.3); the
-#: replay of these models is exact and affine (tests/test_replay.py), so the gap is in the dense
-#: reference or in the named collapse, to be investigated. strict: a fix shows up as XPASS.
-NATIVE_KNOWN_GAPS = {
-    ("test_full_matches_independent_dense_construction", "neox_parallel_partial_rotary"): (
-        "tests/dense_reference.py disagrees with the lens by 0.7 (relative) on a native parallel/partial-rotary block"
-    ),
-    ("test_full_matches_independent_dense_construction", "llama_gqa"): (
-        "tests/dense_reference.py reads mlp.act_fn, which boot_native's GatedMLPBridge does not have"
-    ),
-    ("test_blocks_compose_to_range", "neox_parallel_partial_rotary"): (
-        "tests/dense_reference.py disagrees with the lens on a native parallel/partial-rotary block"
-    ),
-    ("test_heads_plus_rest_rebuild_block", "llama_gqa"): (
-        "tests/dense_reference.py reads mlp.act_fn, which boot_native's GatedMLPBridge does not have"
-    ),
-}
+#: Known gaps on boot_native bridges (test, family) -> reason, marked strict xfail so a fix shows up as
+#: XPASS. Empty since the four found on first running these tests there turned out to be the dense
+#: reference's (boot_native's NativeBlock ignores ``parallel_attn_mlp``; its gated MLP keeps the
+#: activation as ``.act``) and the float32 RMSNorm of native LLaMA models, not the lens's.
+NATIVE_KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _params(test: str, names, encoder: bool = False):
@@ -82,7 +70,7 @@ def test_full_matches_independent_dense_construction(backend, name):
         assert _rel(T, ref) <= 1e-10, (name, output)
         # T·vec(x0) + c reproduces the model's own output.
         y = torch.einsum("idjk,jk->id", T, lens.input) + lens.bias
-        assert _rel(y, lens.model_output()) <= 1e-12
+        assert _rel(y, lens.model_output()) <= (1e-6 if float32_norms_in_float64(model) else 1e-12)
         # Forward-mode basis pushes give the same tensor as reverse-mode slices.
         assert _rel(lens.full(method="forward"), T) <= 1e-12
         for i in (0, n // 2, n - 1):
