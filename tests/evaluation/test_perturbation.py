@@ -202,3 +202,46 @@ def test_rank_by_magnitude_changes_only_signed_orderings_and_keys():
     # config's own check raises the library error. Both name the field.
     with pytest.raises((TensorLensError, TypeError), match="rank_by"):
         PerturbationConfig(mask_token_id=3, rank_by="abs")  # type: ignore[arg-type]
+
+
+def test_keep_last_never_masks_the_query_token_and_keys_only_when_set(decoder):
+    """With keep_last the last position stays even for a method that ranks it first; the default
+    config's key is what it was before the option existed (stored runs resume)."""
+    import dataclasses
+
+    model, _, conf = _decoder_setup(decoder)
+    keep = dataclasses.replace(conf, keep_last=True)
+    assert dataclasses.replace(conf, keep_last=False).key() == conf.key()
+    assert keep.key() != conf.key()
+    batches = []
+
+    class Recording(NextTokenReadout):
+        def __call__(self, model_, tokens):
+            batches.append(tokens.clone())
+            return super().__call__(model_, tokens)
+
+    def last_first(model_, state, *, position=None, target=None):
+        n = state.activations["blocks.0.hook_resid_pre"].shape[1]
+        return torch.arange(n, dtype=torch.float64).expand(n, n)  # the last token most relevant
+
+    from tl_tensorlens.methods import register_method, unregister_method
+
+    ex = [Example("a", torch.tensor([BOS, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]))]
+    register_method("last_first_for_test", last_first)
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            rows = run_perturbation(
+                model, ex, ["last_first_for_test"], Recording(), keep, f"{d}/r.jsonl", progress=False
+            )
+    finally:
+        unregister_method("last_first_for_test")
+    perturbed = torch.cat(batches[1:])
+    assert (perturbed[:, -1] == 19).all() and (perturbed[:, 0] == BOS).all()
+    assert {r["n_maskable"] for r in rows} == {9}  # 11 tokens less BOS less the query token
+    # positive order masks the tokens just before the query first: 18, then 17 and 18, ...
+    pos_inputs = [t for t in perturbed if (t == MASK).any()]
+    assert any((t[-2] == MASK) and (t == MASK).sum() == 1 for t in pos_inputs)
+    with pytest.raises((TensorLensError, TypeError), match="keep_last"):
+        PerturbationConfig(mask_token_id=3, keep_last="yes")  # type: ignore[arg-type]

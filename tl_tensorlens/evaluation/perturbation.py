@@ -168,6 +168,10 @@ class PerturbationConfig:
             ``|relevance|``, so for signed maps (In+Out, In+Class) the tokens masked first in negative
             perturbation are those with the *smallest* effect, not the most negative one.
         verify: check the frozen replay on every example before the methods read it.
+        keep_last: never mask the last position (a decoder's query token, whose removal changes the
+            next-token prediction almost always: on SmolLM2 in 40 of 40 WikiText windows, so a method
+            that merely ranks it first wins positive perturbation). Fractions then count the other
+            positions.
     """
 
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
@@ -178,6 +182,7 @@ class PerturbationConfig:
     batch_size: int = 64
     rank_by: Literal["value", "magnitude"] = "value"
     verify: bool = True
+    keep_last: bool = False
     directions: InitVar[tuple[str, ...] | None] = None
 
     def __post_init__(self, directions: tuple[str, ...] | None) -> None:
@@ -204,6 +209,8 @@ class PerturbationConfig:
             raise ArgumentError("mask_token_id", None, "a token id for masking='replace' (e.g. the tokenizer's [MASK])")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise ArgumentError("batch_size", self.batch_size, "an integer >= 1")
+        if not isinstance(self.keep_last, bool):
+            raise ArgumentError("keep_last", self.keep_last, "True or False")
 
     def key(self) -> str:
         """A short hash of the settings that change results (not the batch size or ``verify``)."""
@@ -214,6 +221,8 @@ class PerturbationConfig:
         d["directions"] = d.pop("orders")
         if d["rank_by"] == "value":  # the original protocol keeps the keys of runs made before rank_by existed
             d.pop("rank_by")
+        if not d["keep_last"]:  # likewise for runs made before keep_last existed
+            d.pop("keep_last")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -398,7 +407,7 @@ def _run_example(
     n = tokens.shape[0]
     position = readout.position(n)
     specials = set(config.special_token_ids)
-    maskable = [i for i in range(n) if int(tokens[i]) not in specials]
+    maskable = [i for i in range(n) if int(tokens[i]) not in specials and not (config.keep_last and i == n - 1)]
     state = capture_fn(model, tokens[None])
     check: Any = None
     if config.verify and hasattr(state, "frozen"):

@@ -104,6 +104,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default="value",
         help="rank tokens by relevance (the paper) or by |relevance| (fairer to signed maps in negative perturbation)",
     )
+    p.add_argument(
+        "--keep-last",
+        action="store_true",
+        help="never mask the last token (a decoder's query position; masking it flips the next-token "
+        "prediction almost always, which rewards methods that rank it first)",
+    )
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -288,6 +294,7 @@ def _smollm2(args: argparse.Namespace, conf_kw: dict[str, Any]) -> tuple[list[di
         f"tokens replaced by {tok.convert_ids_to_tokens(int(pad))!r} (id {pad}). The Norm map is the Hutchinson "
         f"estimate with 16 probes ({RANDOMIZED_NORM}); the exact one costs 576 VJPs per row. Integrated Gradients "
         f"runs from the replacement token's embedding ({IG_REF}; the zero baseline is degenerate under RMSNorm)"
+        + ("; the last token (the query position) is never masked (--keep-last)" if args.keep_last else "")
     )
 
 
@@ -419,7 +426,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     torch.set_num_threads(args.threads)
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     fractions = tuple(args.fractions)
-    conf_kw = dict(fractions=fractions, rank_by=args.rank_by)
+    conf_kw = dict(fractions=fractions, rank_by=args.rank_by, keep_last=args.keep_last)
     if args.docs is None:
         args.docs = str(Path(args.work_dir) / "perturbation.md")
     docs = Path(args.docs) if args.docs else None
