@@ -8,6 +8,7 @@ compose by matrix products. Only HookedTransformer / HookedEncoder (TL 3.x) weig
 import torch
 from torch import Tensor
 
+from tl_tensorlens._backend import runs_parallel_blocks
 from tl_tensorlens.capture import FrozenState
 
 
@@ -60,14 +61,6 @@ def mlp_matrix(model, state: FrozenState, layer: int) -> Tensor:
     return torch.block_diag(*[W_out.T @ torch.diag(r_n) @ W_in.T for r_n in r])
 
 
-def _native_block(model, layer: int) -> bool:
-    """TL's boot_native NativeBlock always runs attention then MLP: it ignores
-    ``cfg.parallel_attn_mlp`` (TL 3.9 and 4.3), so the model computes a sequential block whatever the
-    config says. The lens replays what the model computes; the reference must follow the model too."""
-    inner = getattr(model.blocks[layer], "_original_component", None)
-    return type(inner).__name__ == "NativeBlock"
-
-
 def block_matrix(model, state: FrozenState, layer: int) -> Tensor:
     """One block's T_l from its sub-layer matrices (pre-LN, parallel, sandwich, post-norm, BERT)."""
     cfg = model.cfg
@@ -96,7 +89,7 @@ def block_matrix(model, state: FrozenState, layer: int) -> Tensor:
     mlp_path = mlp_matrix(model, state, layer) @ ln("ln2")
     if sandwich:
         mlp_path = ln("ln2_post") @ mlp_path
-    if cfg.parallel_attn_mlp and not _native_block(model, layer):
+    if runs_parallel_blocks(model):  # not cfg.parallel_attn_mlp: boot_native ignores it
         return eye + attn_path + mlp_path
     return (eye + mlp_path) @ (eye + attn_path)
 

@@ -33,7 +33,7 @@ DENSE_FAMILIES = [
 
 
 #: Known gaps on boot_native bridges (test, family) -> reason, marked strict xfail so a fix shows up as
-#: XPASS. Empty since the four found on first running these tests there turned out to be the dense
+#: XPASS. Empty since the five found on first running these tests there turned out to be the dense
 #: reference's (boot_native's NativeBlock ignores ``parallel_attn_mlp``; its gated MLP keeps the
 #: activation as ``.act``) and the float32 RMSNorm of native LLaMA models, not the lens's.
 NATIVE_KNOWN_GAPS: dict[tuple[str, str], str] = {}

@@ -120,6 +120,17 @@ def final_hidden_hook(model: Any) -> str:
     return block_output_hook(model.hook_dict, int(model.cfg.n_layers) - 1)
 
 
+def runs_parallel_blocks(model: Any) -> bool:
+    """True where the model's blocks really add attention and MLP in parallel
+    (``x + attn(ln1 x) + mlp(ln2 x)``). ``cfg.parallel_attn_mlp`` alone is not enough: TL's
+    ``boot_native`` ``NativeBlock`` ignores it and always runs attention, then the MLP on the updated
+    residual (TL 3.9 and 4.3), so a native bridge configured as parallel computes sequential blocks."""
+    if not getattr(model.cfg, "parallel_attn_mlp", False):
+        return False
+    inner = getattr(model.blocks[0], "_original_component", None)
+    return type(inner).__name__ != "NativeBlock"
+
+
 def float32_norms_in_float64(model: Any) -> bool:
     """True where the model's own norms compute in float32 even in a float64 model (Hugging Face
     RMSNorm and TL's native RMSNorm upcast/downcast through float32): the model is then only

@@ -348,3 +348,25 @@ def test_tensor_methods_match_the_core_collapses(decoder):
     torch.testing.assert_close(by_dir[n - 1], lens.collapse("in_class", direction=u, positions=[n - 1])[0])
     with pytest.raises(TensorLensError, match="target"):
         get_method("tensor_in_class")(model, state, position=n - 1)
+
+
+@pytest.mark.parametrize("backend, family", family_params(["neox_parallel_partial_rotary", "gpt2"]))
+def test_parallel_blocks_follow_what_the_model_computes(backend, family):
+    """``cfg.parallel_attn_mlp`` is True on both neox builds, but boot_native's NativeBlock ignores it
+    and runs attention then MLP: the res+LN baseline must read ln2 there, as in any sequential block."""
+    from tl_tensorlens._backend import runs_parallel_blocks
+    from tl_tensorlens.methods.attention import _res_ln_norm_name
+
+    model = decoder_model(backend, family)
+    parallel = family.startswith("neox") and backend == "hooked"
+    assert model.cfg.parallel_attn_mlp == family.startswith("neox")
+    assert runs_parallel_blocks(model) is parallel
+    # The model itself: in a parallel block ln2 (LayerNorm here) reads resid_pre, in a sequential one
+    # resid_mid; ln2's normalized output times its scale is its centred input.
+    acts = _cache(model)
+    centred = acts["blocks.0.ln2.hook_normalized"] * acts["blocks.0.ln2.hook_scale"]
+    for name, reads in (("blocks.0.hook_resid_pre", parallel), ("blocks.0.hook_resid_mid", not parallel)):
+        if name in acts:
+            x = acts[name]
+            assert torch.allclose(centred, x - x.mean(-1, keepdim=True), atol=1e-10) is reads, name
+    assert _res_ln_norm_name(model, 0) == (None if parallel else "blocks.0.ln2")

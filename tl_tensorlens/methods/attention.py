@@ -57,7 +57,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_tensorlens._backend import is_bridge, is_post_ln
+from tl_tensorlens._backend import is_bridge, is_post_ln, runs_parallel_blocks
 from tl_tensorlens.errors import TensorLensError
 
 
@@ -274,7 +274,7 @@ def alti_map(
 def _res_ln_norm_name(model: Any, layer: int) -> str | None:
     """The first norm that reads ``x + attn`` in a pre-LN model (module docstring, per family)."""
     cfg = model.cfg
-    if getattr(cfg, "parallel_attn_mlp", False):
+    if runs_parallel_blocks(model):
         return None
     if getattr(cfg, "attn_only", False) or submodule_or_none(model, f"blocks.{layer}.ln2") is None:
         return _block_output_norm(model, layer)
