@@ -513,7 +513,7 @@ def summary(results: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {res['case']['name']} | {r['method']} | {r['seconds']:.2f} | {r['time_vs_lens']:.2f}x | "
                 f"{r['peak_mib']:.0f} | {r['gflops']:.1f} | {100 * r['fraction_of_matmul']:.1f} | "
-                f"{100 * r.get('fraction_of_case_gemm', float('nan')):.1f} | {r['max_rel_diff_vs_lens']:.1e} |"
+                f"{100 * r['fraction_of_case_gemm']:.1f} | {r['max_rel_diff_vs_lens']:.1e} |"
             )
     lines += [
         "",

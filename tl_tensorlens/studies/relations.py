@@ -227,9 +227,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     if args.table:
         Path(args.table).parent.mkdir(parents=True, exist_ok=True)
         Path(args.table).write_text(table + "\n", encoding="utf-8")
-    comparison = comparison_table(
-        rows, metric=args.metric, others=[m for m in config.methods() if m != "mean_tensor"], by_type=True
-    )
+    others = [m for m in config.methods() if m != "mean_tensor"]
+    comparison = comparison_table(rows, metric=args.metric, others=others, by_type=True)
     if args.comparison:
         Path(args.comparison).parent.mkdir(parents=True, exist_ok=True)
         Path(args.comparison).write_text(comparison + "\n", encoding="utf-8")
@@ -245,12 +244,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         Path(args.scatter).parent.mkdir(parents=True, exist_ok=True)
         from tl_tensorlens.viz.plots import plot_relation_comparison
 
-        fig = plot_relation_comparison(
-            rows,
-            metric=args.metric,
-            others=[m for m in config.methods() if m != "mean_tensor"],
-            title=args.model_name or args.model,
-        )
+        fig = plot_relation_comparison(rows, metric=args.metric, others=others, title=args.model_name or args.model)
         fig.savefig(args.scatter, dpi=110)
     if args.update_doc:
         command = f"{prog or 'python -m tl_tensorlens.studies.relations'} " + " ".join(shlex.quote(a) for a in argv)
